@@ -1,0 +1,270 @@
+"""linear_eval.py: BYOL's linear evaluation protocol (paper section 4.1, appendix C.1).
+
+A linear classifier is trained on top of the frozen encoder (BN in eval mode, no extra BN): SGD with
+Nesterov momentum 0.9, batch 1024, 80 epochs, no weight decay, cosine lr, random resized crop + flip
+for training and a centre crop (0.875) for testing. The lr is chosen from {0.4, 0.3, 0.2, 0.1, 0.05}
+on a held-out part of the training set (10,009 images for ImageNet, as the paper) and the chosen
+classifier is reported on the validation split (top-1, top-5). All five classifiers train together
+on the same frozen features, so the grid costs one pass over the data per epoch.
+
+--cached (the default below 200k training images): the encoder runs once over centre crops, and the
+classifiers train on the cached features (many epochs in seconds); a weighted kNN accuracy (k=20,
+cosine) is reported as well.
+
+Commands
+    python linear_eval.py --data /work/shared/data/cifar10 --pretrained runs/byol/checkpoint.pth
+    python linear_eval.py --data /imagenet --pretrained runs/r50/encoder.pth     # paper protocol
+    torchrun --nproc_per_node=8 linear_eval.py --data /imagenet --pretrained runs/r50/encoder.pth
+  Without --pretrained the randomly initialised encoder is evaluated (a baseline).
+
+Measured: see README.md (CIFAR-10 folder, convnet, CPU: random init vs BYOL).
+"""
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+
+import augment
+import byol
+from byol import UserError, log
+
+LR_GRID = (0.4, 0.3, 0.2, 0.1, 0.05)  # paper appendix C.1
+IMAGENET_HOLDOUT = 10009              # paper appendix C.1: the last 10,009 training images
+
+
+def get_parser():
+    p = byol.ArgumentParser(prog='linear_eval.py', description='Linear evaluation of a frozen '
+                            'encoder (BYOL paper, appendix C.1).')
+    a = p.add_argument
+    a('--data', required=True, help='as byol.py: an image folder with train/ and val/, or one of '
+      + ', '.join(byol.NAMED_DATASETS))
+    a('--data-root', default='data', help='where named datasets live (default: ./data)')
+    a('--download', action='store_true', help='download a named dataset if it is missing')
+    a('--pretrained', default=None, help='byol.py checkpoint.pth or exported encoder.pth; '
+      'omitted: a randomly initialised encoder (baseline)')
+    a('--arch', default='resnet50', choices=byol.ARCHS, help='encoder when --pretrained is '
+      'omitted (otherwise read from the checkpoint)')
+    a('--width', type=int, default=None, help='as byol.py, when --pretrained is omitted')
+    a('--small-images', action='store_true', default=None, help='as byol.py, when --pretrained '
+      'is omitted (default: on for images <= 64 px)')
+    a('--image-size', type=int, default=None, help='crop size (default: 224, or the images\' '
+      'shorter side if smaller)')
+    a('--batch-size', type=int, default=1024, help='global batch (paper: 1024)')
+    a('--epochs', type=int, default=80, help='paper: 80')
+    a('--lr', type=float, nargs='+', default=LR_GRID, help='lr grid, selected on the held-out '
+      'split (paper: 0.4 0.3 0.2 0.1 0.05)')
+    a('--holdout', type=int, default=None, help='held-out training images for the lr choice '
+      f'(default: {IMAGENET_HOLDOUT} for 1M+ images as the paper, else 10%%)')
+    a('--train-images', type=int, default=0, help='train on this many training images (a seeded '
+      'random subset; 0: all)')
+    a('--cached', action=argparse.BooleanOptionalAction, default=None, help='train on cached centre-crop '
+      'features (default: on below 200k training images)')
+    a('--workers', type=int, default=None, help='data-loader processes per process')
+    a('--amp', choices=('bf16', 'fp16', 'none'), default=None, help='as byol.py')
+    a('--seed', type=int, default=0, help='seeds the held-out split, the order and the heads')
+    a('--output-dir', default='runs/linear_eval', help='results.jsonl is appended here')
+    return p
+
+
+# ------------------------------------------------------------------------------------------------
+# Classifiers and their training loop (also used by semi_sup.py and transfer.py)
+# ------------------------------------------------------------------------------------------------
+
+
+class Heads(nn.Module):
+    """One linear classifier per learning rate: (B, D) features -> (H, B, C) logits."""
+
+    def __init__(self, feature_dim, n_classes, n_heads):
+        super().__init__()
+        self.heads = nn.ModuleList(nn.Linear(feature_dim, n_classes) for _ in range(n_heads))
+
+    def forward(self, y):
+        return torch.stack([head(y) for head in self.heads])
+
+
+def cosine(step, total_steps):
+    """Cosine decay from 1 to 0 over total_steps, per step."""
+    return 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps))
+
+
+def nesterov_sgd(param_groups):
+    """SGD with Nesterov momentum 0.9 and no weight decay (paper appendix C.1); each group's
+    'base_lr' is scaled by the cosine schedule every step."""
+    for group in param_groups:
+        group.setdefault('lr', group['base_lr'])
+    return torch.optim.SGD(param_groups, momentum=0.9, nesterov=True, weight_decay=0.0)
+
+
+def fit(model, optimizer, batches, epochs, steps_per_epoch, device, amp='none', name='train'):
+    """The training loop of the evaluation protocols: for each batch (x, y) of batches(epoch),
+    model(x) -> logits (H, B, C) of H classifiers, loss = the sum of their cross-entropies,
+    per-step cosine lr. Prints one line per epoch with the ETA."""
+    total, step, start = epochs * steps_per_epoch, 0, time.time()
+    for epoch in range(epochs):
+        loss_sum = torch.zeros((), device=device)
+        for x, y in batches(epoch):
+            for group in optimizer.param_groups:
+                group['lr'] = group['base_lr'] * cosine(step, total)
+            with byol.autocast(device, amp):
+                logits = model(x)
+            loss = sum(F.cross_entropy(z.float(), y) for z in logits)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            loss_sum += loss.detach()
+            step += 1
+        elapsed = time.time() - start
+        if epoch == epochs - 1 or elapsed * (epoch + 2) / (epoch + 1) > 5 * (epoch + 1):
+            log(f'{name} epoch {epoch + 1}/{epochs} | loss {loss_sum.item() / steps_per_epoch / len(logits):.4f} '
+                f'| eta {byol.format_time(elapsed / (epoch + 1) * (epochs - epoch - 1))}')
+    return model
+
+
+@torch.no_grad()
+def predict(model, features, batch_size=4096):
+    """Logits (H, N, C) of the classifiers on features (N, D), in chunks."""
+    return torch.cat([model(x).float() for x in features.split(batch_size)], dim=1)
+
+
+def select(logits, labels, lrs):
+    """Index of the head with the best top-1 on the held-out split, and every head's top-1."""
+    accuracies = [byol.topk_accuracy(z, labels, ks=(1,))[0] for z in logits]
+    return max(range(len(lrs)), key=lambda i: accuracies[i]), accuracies
+
+
+def feature_batches(features, labels, batch_size, seed=None):
+    """Batches of cached features: shuffled per epoch when seeded, else in order."""
+    def batches(epoch=0):
+        order = torch.arange(len(features), device=features.device) if seed is None else \
+            torch.randperm(len(features), generator=torch.Generator().manual_seed(
+                seed * 1000 + epoch)).to(features.device)
+        return zip(features[order].split(batch_size), labels[order].split(batch_size))
+    return batches
+
+
+def split_indices(n, holdout, train_images, seed):
+    """Seeded split of range(n) into (train, held-out) index lists.
+
+    DEVIATION: the paper holds out the last 10,009 images of TF's (shuffled) train split; a
+    class-sorted folder's last images are whole classes, so we hold out a seeded random subset."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    held_out, train = order[:holdout], order[holdout:]
+    return (train[:train_images] if train_images else train), held_out
+
+# ------------------------------------------------------------------------------------------------
+# The protocol
+# ------------------------------------------------------------------------------------------------
+
+
+def frozen_encoder(args, images, device):
+    """The encoder to evaluate, frozen, in eval mode (BN uses its stored statistics)."""
+    if args.pretrained:
+        encoder, feature_dim = byol.load_encoder(args.pretrained)
+        log(f'encoder: {args.pretrained}')
+    else:
+        small = args.small_images if args.small_images is not None else \
+            byol.default_image_size(images) <= 64
+        encoder, feature_dim = byol.build_encoder(args.arch, small, args.width)
+        log('WARNING: no --pretrained given: evaluating a RANDOMLY INITIALISED encoder (baseline)')
+    encoder.requires_grad_(False)
+    return encoder.to(device).eval(), feature_dim
+
+
+def main(argv=None):
+    try:
+        results = run(get_parser().parse_args(argv))
+    except UserError as e:
+        print(f'linear_eval.py: error: {e}', file=sys.stderr)
+        sys.exit(2)
+    finally:
+        if byol.dist.is_initialized():
+            byol.dist.destroy_process_group()
+    return results
+
+
+def run(args):
+    rank, world, device = byol.setup_distributed()
+    torch.manual_seed(args.seed)
+    start = time.time()
+    train_images = byol.load_images(args.data, args.data_root, args.download, 'train')
+    val_images = byol.load_images(args.data, args.data_root, args.download, 'val')
+    size = args.image_size or byol.default_image_size(train_images)
+    amp = args.amp or byol.default_amp()
+    workers = byol.default_workers() if args.workers is None else args.workers
+    if args.batch_size % world:
+        raise UserError(f'--batch-size {args.batch_size} does not divide over {world} processes')
+    encoder, feature_dim = frozen_encoder(args, train_images, device)
+    before = {k: v.clone() for k, v in encoder.state_dict().items()}
+    n_classes = len(train_images.classes)
+    holdout = args.holdout if args.holdout is not None else (
+        IMAGENET_HOLDOUT if len(train_images) >= 1_000_000 else len(train_images) // 10)
+    train_idx, holdout_idx = split_indices(len(train_images), holdout, args.train_images,
+                                           args.seed)
+    cached = args.cached if args.cached is not None else len(train_images) < 200_000
+    log(f'{len(train_idx)} training, {len(holdout_idx)} held-out, {len(val_images)} validation '
+        f'images; {n_classes} classes; {"cached features" if cached else "images"}, '
+        f'{args.epochs} epochs, lr grid {list(args.lr)}')
+
+    def features(images):  # frozen features of centre crops, gathered over processes
+        loader = byol.make_loader(byol.Crops(images, size, n_views=1, random=False),
+                                  args.batch_size // world, workers, False, args.seed, device)
+        return byol.extract_features(encoder, loader, device, amp)
+
+    torch.manual_seed(args.seed)
+    heads = Heads(feature_dim, n_classes, len(args.lr)).to(device)
+    optimizer = nesterov_sgd([dict(params=h.parameters(), base_lr=lr)
+                              for h, lr in zip(heads.heads, args.lr)])
+    results = dict(data=args.data, pretrained=args.pretrained, cached=cached, epochs=args.epochs,
+                   train_images=len(train_idx), image_size=size)
+    if cached:
+        x, y = features(byol.Subset(train_images, train_idx))
+        batches = feature_batches(x, y, args.batch_size, args.seed)
+        fit(heads, optimizer, batches, args.epochs, math.ceil(len(x) / args.batch_size), device,
+            name='linear')
+    else:  # the paper's protocol: random resized crop + flip, features recomputed every epoch
+        loader = byol.make_loader(byol.Crops(byol.Subset(train_images, train_idx), size,
+                                             n_views=1, random=True, seed=args.seed),
+                                  args.batch_size // world, workers, True, args.seed, device)
+
+        def batches(epoch):
+            loader.sampler.set_epoch(epoch)
+            for crops, u, labels, _ in loader:
+                x = augment.eval_batch(crops[:, 0].to(device, non_blocking=True), u[:, 0].to(device))
+                with torch.no_grad(), byol.autocast(device, amp):
+                    yield encoder(x).float(), labels.to(device)
+        model = DistributedDataParallel(heads) if world > 1 else heads
+        fit(model, optimizer, batches, args.epochs, len(loader), device, name='linear')
+    held_out_x, held_out_y = features(byol.Subset(train_images, holdout_idx))
+    val_x, val_y = features(val_images)
+    best, holdout_top1 = select(predict(heads, held_out_x), held_out_y, args.lr)
+    results['top1'], results['top5'] = byol.topk_accuracy(predict(heads, val_x)[best], val_y)
+    if cached:
+        knn_scores = byol.knn_predict(x, y, val_x, n_classes)
+        results['knn_top1'] = byol.topk_accuracy(knn_scores, val_y, ks=(1,))[0]
+    results.update(lr=args.lr[best], holdout_top1=dict(zip(map(str, args.lr), holdout_top1)),
+                   time_s=round(time.time() - start, 1))
+
+    after = encoder.state_dict()
+    if any(not torch.equal(before[k], after[k]) for k in before):
+        raise RuntimeError('the frozen encoder changed during linear evaluation')
+    log('encoder unchanged after evaluation (bitwise): OK')
+    log(f'lr {args.lr[best]} (held-out top-1 {holdout_top1[best]:.2f}%): val top-1 '
+        f'{results["top1"]:.2f}%, top-5 {results["top5"]:.2f}%'
+        + (f', kNN top-1 {results["knn_top1"]:.2f}%' if 'knn_top1' in results else ''))
+    if byol.is_main():
+        out = Path(args.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        with open(out / 'results.jsonl', 'a') as f:
+            f.write(json.dumps(results) + '\n')
+    return results
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,454 @@
+"""Tests for byol.py, augment.py and the evaluation scripts. CPU only, a few minutes in all.
+
+    pytest test_byol.py            # everything; the CIFAR-10 tests skip if its folder is absent
+    pytest test_byol.py -k loss    # one group
+
+Numbers are checked against values computed by hand in the test, never against recorded outputs.
+"""
+import colorsys
+import copy
+import json
+import math
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+import torchvision
+
+import augment
+import byol
+import linear_eval
+
+HERE = Path(__file__).resolve().parent
+CIFAR10 = Path(os.environ.get('BYOL_CIFAR10', HERE.parent / 'shared' / 'data' / 'cifar10'))
+needs_cifar10 = pytest.mark.skipif(
+    not (CIFAR10 / 'train').is_dir(),
+    reason=f'CIFAR-10 image folder not found at {CIFAR10} (set BYOL_CIFAR10 to its path)')
+
+# A tiny BYOL for the loop tests: convnet of width 4, small projector and predictor.
+TINY = ['--arch', 'convnet', '--width', '4', '--hidden-dim', '32', '--projection-dim', '16',
+        '--batch-size', '16', '--workers', '0', '--log-every', '2', '--warmup-epochs', '1',
+        '--lr', '0.4']
+
+
+@pytest.fixture(scope='session')
+def image_folder(tmp_path_factory):
+    """An ImageNet-style folder: train/ and val/ of 4 classes of 24x20 JPEGs whose colour depends
+    on the class (so a linear probe can tell them apart)."""
+    root = tmp_path_factory.mktemp('images')
+    g = torch.Generator().manual_seed(0)
+    for split, n in (('train', 64), ('val', 16)):
+        for i in range(n):
+            label = i % 4
+            image = torch.rand(3, 24, 20, generator=g) * 0.5
+            image[label % 3] += 0.4 if label < 3 else 0.0
+            folder = root / split / f'class{label}'
+            folder.mkdir(parents=True, exist_ok=True)
+            torchvision.io.write_jpeg((image * 255).to(torch.uint8), str(folder / f'{i:03d}.jpg'))
+    return root
+
+
+def run_main(module, argv, capsys=None):
+    """module.main(argv) in this process -> (exit code, stdout, stderr)."""
+    try:
+        module.main([str(a) for a in argv])
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr() if capsys else None
+    return code, out.out if out else '', out.err if out else ''
+
+
+def tiny_byol(seed=0):
+    torch.manual_seed(seed)
+    encoder, dim = byol.build_encoder('convnet', width=4)
+    return byol.BYOL(encoder, dim, hidden_dim=32, projection_dim=16)
+
+# ------------------------------------------------------------------------------------------------
+# Loss (paper Eq. 2)
+# ------------------------------------------------------------------------------------------------
+
+
+def test_regression_loss_is_two_minus_two_cos():
+    p = torch.tensor([[1.0, 0.0], [1.0, 1.0], [1.0, 0.0], [3.0, 4.0]])
+    z = torch.tensor([[0.0, 1.0], [2.0, 2.0], [-1.0, 0.0], [4.0, 3.0]])
+    # orthogonal: 2; parallel (any scale): 0; opposite: 4; cos = 24/25: 2 - 48/25
+    expected = torch.tensor([2.0, 0.0, 4.0, 2 - 48 / 25])
+    assert torch.allclose(byol.regression_loss(p, z), expected, atol=1e-6)
+    # and it is the squared distance of the l2-normalised vectors
+    a, b = torch.randn(5, 7), torch.randn(5, 7)
+    distance = ((a / a.norm(dim=1, keepdim=True) - b / b.norm(dim=1, keepdim=True)) ** 2).sum(1)
+    assert torch.allclose(byol.regression_loss(a, b), distance, atol=1e-5)
+
+
+def test_byol_loss_is_the_sum_of_both_view_orders():
+    model = tiny_byol()
+    v1, v2 = torch.randn(8, 3, 16, 16), torch.randn(8, 3, 16, 16)
+    loss, std = model(v1, v2, return_std=True)
+    on, tg = model.online, model.target
+    z1, z2 = on.projector(on.encoder(v1)), on.projector(on.encoder(v2))
+    t1, t2 = tg.projector(tg.encoder(v1)), tg.projector(tg.encoder(v2))
+    q1, q2 = on.predictor(z1), on.predictor(z2)
+    expected = (byol.regression_loss(q1, t2) + byol.regression_loss(q2, t1)).mean()
+    assert torch.allclose(loss, expected, atol=1e-6)
+    # summed, not averaged: at initialisation (target = online) each term is about 2
+    assert 2.5 < loss.item() < 5.5
+    z = torch.nn.functional.normalize(z1, dim=1)
+    assert torch.allclose(std, z.std(dim=0).mean(), atol=1e-6)
+
+
+def test_projection_std_separates_collapse_from_spread():
+    collapsed = torch.ones(512, 256) + 1e-4 * torch.randn(512, 256)
+    spread = torch.randn(4096, 256)
+    assert byol.projection_std(collapsed) < 1e-3
+    assert abs(byol.projection_std(spread).item() * math.sqrt(256) - 1) < 0.02
+
+# ------------------------------------------------------------------------------------------------
+# Target network: EMA, tau schedule, no gradient
+# ------------------------------------------------------------------------------------------------
+
+
+def test_tau_schedule_end_points_and_midpoint():
+    assert byol.target_tau(0, 1000, 0.996) == pytest.approx(0.996)
+    assert byol.target_tau(500, 1000, 0.996) == pytest.approx((1 + 0.996) / 2)
+    assert byol.target_tau(1000, 1000, 0.996) == pytest.approx(1.0)
+    assert byol.target_tau(5000, 1000, 0.996) == pytest.approx(1.0)  # clipped at K
+    # 1 - (1 - 0.99) (cos(pi / 4) + 1) / 2 at k = K/4
+    assert byol.target_tau(250, 1000, 0.99) == pytest.approx(
+        1 - 0.01 * (math.sqrt(0.5) + 1) / 2)
+
+
+def perturbed(model):
+    with torch.no_grad():
+        for p in model.online.parameters():
+            p.add_(torch.randn_like(p))
+    return model
+
+
+def test_tau_one_keeps_target_and_tau_zero_copies_online():
+    model = perturbed(tiny_byol())
+    online, target = model.online_target_pairs()
+    before = [t.clone() for t in target]
+    model.update_target(1.0)
+    assert all(torch.equal(t, b) for t, b in zip(target, before))
+    model.update_target(0.0)
+    assert all(torch.equal(t, o) for t, o in zip(target, online))
+    assert len(target) == len(online) > 10
+
+
+def test_ema_update_is_tau_xi_plus_one_minus_tau_theta_and_skips_bn_statistics():
+    model = perturbed(tiny_byol())
+    model.train()
+    model(torch.randn(4, 3, 16, 16), torch.randn(4, 3, 16, 16))  # moves running statistics
+    online, target = model.online_target_pairs()
+    expected = [0.9 * t + 0.1 * o for t, o in zip(target, online)]
+    buffers = {k: v.clone() for k, v in model.target.named_buffers()}
+    model.update_target(0.9)
+    assert all(torch.allclose(t, e, atol=1e-6) for t, e in zip(target, expected))
+    # running statistics are the target's own: the EMA does not touch them
+    assert all(torch.equal(v, buffers[k]) for k, v in model.target.named_buffers())
+    assert not torch.equal(model.target.encoder[0][1].running_mean,
+                           model.online.encoder[0][1].running_mean)
+
+
+def test_no_gradient_reaches_the_target():
+    model = tiny_byol()
+    loss = model(torch.randn(4, 3, 16, 16), torch.randn(4, 3, 16, 16))
+    loss.backward()
+    assert all(p.grad is None and not p.requires_grad for p in model.target.parameters())
+    assert all(p.grad is not None for p in model.online.parameters())
+    groups = byol.lars_param_groups(model, 1e-6)
+    in_groups = {id(p) for g in groups for p in g['params']}
+    assert not in_groups & {id(p) for p in model.target.parameters()}
+    assert in_groups == {id(p) for p in model.online.parameters()}
+
+# ------------------------------------------------------------------------------------------------
+# Learning rate and LARS
+# ------------------------------------------------------------------------------------------------
+
+
+def test_learning_rate_warmup_and_cosine_end_points():
+    peak, warmup, total = 3.2, 100, 1100
+    assert byol.learning_rate(0, total, warmup, peak) == 0.0
+    assert byol.learning_rate(50, total, warmup, peak) == pytest.approx(1.6)
+    assert byol.learning_rate(100, total, warmup, peak) == pytest.approx(peak)
+    assert byol.learning_rate(600, total, warmup, peak) == pytest.approx(peak / 2)
+    assert byol.learning_rate(1100, total, warmup, peak) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_lars_groups_exclude_biases_and_norm_parameters():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4), nn.Flatten(),
+                          nn.LazyLinear(2), nn.LayerNorm(2))
+    model(torch.randn(2, 3, 5, 5))
+    adapted, excluded = byol.lars_param_groups(model, 1e-6)
+    assert [id(p) for p in adapted['params']] == [id(model[0].weight), id(model[3].weight)]
+    assert {id(p) for p in excluded['params']} == {id(model[1].weight), id(model[1].bias),
+                                                  id(model[3].bias), id(model[4].weight),
+                                                  id(model[4].bias)}
+    assert adapted['weight_decay'] == 1e-6 and adapted['lars']
+    assert excluded['weight_decay'] == 0.0 and not excluded['lars']
+
+
+def test_lars_matches_a_hand_computed_update():
+    w = nn.Parameter(torch.tensor([3.0, 4.0]))   # ||w|| = 5
+    b = nn.Parameter(torch.tensor([1.0, -1.0]))  # a bias: no weight decay, no trust ratio
+    optimizer = byol.LARS([dict(params=[w], weight_decay=0.1, lars=True),
+                           dict(params=[b], weight_decay=0.0, lars=False)], lr=0.5)
+    w.grad, b.grad = torch.tensor([1.0, 0.0]), torch.tensor([0.2, 0.4])
+    optimizer.step()
+    # u = g + 0.1 w = (1.3, 0.4); trust = 1e-3 * 5 / ||u||; m = trust u; w -= 0.5 m
+    u = [1.3, 0.4]
+    trust = 1e-3 * 5 / math.sqrt(1.3 ** 2 + 0.4 ** 2)
+    m1 = [trust * x for x in u]
+    w1 = [3 - 0.5 * m1[0], 4 - 0.5 * m1[1]]
+    assert torch.allclose(w.data, torch.tensor(w1), atol=1e-7)
+    assert torch.allclose(b.data, torch.tensor([1 - 0.5 * 0.2, -1 - 0.5 * 0.4]), atol=1e-7)
+    # second step: m = 0.9 m + u(new w, same gradient)
+    optimizer.step()
+    u2 = [1.0 + 0.1 * w1[0], 0.1 * w1[1]]
+    trust2 = 1e-3 * math.hypot(*w1) / math.hypot(*u2)
+    m2 = [0.9 * m + trust2 * x for m, x in zip(m1, u2)]
+    assert torch.allclose(w.data, torch.tensor([w1[0] - 0.5 * m2[0], w1[1] - 0.5 * m2[1]]),
+                          atol=1e-7)
+    bm2 = [0.9 * 0.2 + 0.2, 0.9 * 0.4 + 0.4]
+    assert torch.allclose(b.data, torch.tensor([0.9 - 0.5 * bm2[0], -1.2 - 0.5 * bm2[1]]),
+                          atol=1e-7)
+
+
+def test_lars_skips_the_trust_ratio_for_zero_weights():
+    w = nn.Parameter(torch.zeros(3))
+    optimizer = byol.LARS([dict(params=[w], weight_decay=0.1, lars=True)], lr=1.0)
+    w.grad = torch.tensor([1.0, 2.0, 3.0])
+    optimizer.step()
+    assert torch.equal(w.data, -torch.tensor([1.0, 2.0, 3.0]))
+
+# ------------------------------------------------------------------------------------------------
+# Augmentations (augment.py)
+# ------------------------------------------------------------------------------------------------
+
+
+def test_the_two_distributions_match_the_paper_table():
+    assert (augment.T['blur_p'], augment.T_PRIME['blur_p']) == (1.0, 0.1)
+    assert (augment.T['solarize_p'], augment.T_PRIME['solarize_p']) == (0.0, 0.2)
+    for view in (augment.T, augment.T_PRIME):
+        assert (view['flip_p'], view['jitter_p'], view['gray_p']) == (0.5, 0.8, 0.2)
+        assert (view['brightness'], view['contrast'], view['saturation'], view['hue']) == \
+            (0.4, 0.4, 0.2, 0.1)
+        assert view['crop_area'] == (0.08, 1.0) and view['blur_sigma'] == (0.1, 2.0)
+
+
+def splitmix64(x):
+    """Reference splitmix64 finaliser on Python integers."""
+    mask = (1 << 64) - 1
+    x = (x + 0x9E3779B97F4A7C15) & mask
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & mask
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & mask
+    return x ^ (x >> 31)
+
+
+def test_uniforms_are_a_pure_function_of_seed_epoch_and_index():
+    def reference(seed, epoch, index, slot):
+        key = splitmix64(splitmix64(splitmix64(seed) ^ epoch) ^ index)
+        return (splitmix64(key ^ splitmix64(slot)) >> 40) / 2 ** 24
+    u = augment.uniforms(7, 3, [11, 12], n_views=2)
+    assert u.shape == (2, 2, augment.N_SLOTS)
+    for b, index in enumerate((11, 12)):
+        for slot in (0, 5, 2 * augment.N_SLOTS - 1):
+            assert u[b].flatten()[slot].item() == reference(7, 3, index, slot)
+    # independent of the batch it is drawn in; different for another epoch or seed
+    assert torch.equal(augment.uniforms(7, 3, [12])[0], u[1])
+    assert not torch.equal(augment.uniforms(7, 4, [12])[0], u[1])
+    assert not torch.equal(augment.uniforms(8, 3, [12])[0], u[1])
+    many = augment.uniforms(0, 0, torch.arange(20000))
+    assert 0 <= many.min() and many.max() < 1
+    assert abs(many.mean().item() - 0.5) < 0.002
+    assert abs(torch.corrcoef(many[:, 0, :4].T)[0, 1].item()) < 0.03
+
+
+def test_crop_box_hand_computed():
+    u = torch.zeros(augment.N_SLOTS)
+    u[augment.SLOT['crop_ratio']] = 0.5  # log-uniform midpoint: ratio 1
+    # smallest area: A = 0.08 * 100 * 100 = 800, square side round(28.28) = 28, offset 0
+    assert augment.crop_box(u, 100, 100) == (0, 0, 28, 28)
+    u[augment.SLOT['crop_x']] = u[augment.SLOT['crop_y']] = 0.999999
+    assert augment.crop_box(u, 100, 100) == (72, 72, 28, 28)
+    u[augment.SLOT['crop_area']] = 0.999999  # whole image
+    assert augment.crop_box(u, 100, 100) == (0, 0, 100, 100)
+    u[augment.SLOT['crop_ratio']] = 0.0  # ratio 3/4 of a full-area crop: clamped to the image
+    top, left, h, w = augment.crop_box(u, 60, 80)
+    assert (h, w) == (60, round(math.sqrt(4800 * 0.75))) and top == 0
+    assert augment.center_crop_box(256, 320) == (16, 48, 224, 224)
+
+
+def test_crops_respect_area_and_ratio_bounds_over_many_draws():
+    u = augment.uniforms(0, 0, torch.arange(5000))[:, 0]
+    boxes = torch.tensor([augment.crop_box(x, 200, 200) for x in u], dtype=torch.float)
+    top, left, h, w = boxes.T
+    assert (top >= 0).all() and (left >= 0).all()
+    assert (top + h <= 200).all() and (left + w <= 200).all()
+    area, ratio = h * w / 200 ** 2, w / h
+    assert area.min() > 0.07 and area.max() <= 1.0
+    assert ratio.min() > 0.7 and ratio.max() < 1.4
+    assert abs(area.mean().item() - 0.54) < 0.02  # U[0.08, 1] has mean 0.54
+
+
+def test_resized_crop_of_the_whole_image_at_its_own_size_is_the_image():
+    square = (torch.rand(3, 10, 10) * 255).to(torch.uint8)
+    assert torch.equal(augment.resized_crop(square, (0, 0, 10, 10), 10), square)
+    assert torch.equal(augment.resized_crop(square, (2, 3, 4, 4), 4), square[:, 2:6, 3:7])
+
+
+def test_solarize_grayscale_brightness_contrast_on_known_inputs():
+    x = torch.tensor([0.2, 0.5, 0.7, 1.0]).view(1, 1, 2, 2).expand(1, 3, 2, 2)
+    assert torch.allclose(augment.solarize(x)[0, 0].flatten(), torch.tensor([0.2, 0.5, 0.3, 0.0]))
+    red = torch.tensor([1.0, 0.0, 0.0]).view(1, 3, 1, 1)
+    assert torch.allclose(augment.grayscale(red), torch.full((1, 3, 1, 1), 0.2989))
+    rgb = torch.tensor([0.5, 0.25, 1.0]).view(1, 3, 1, 1)
+    assert torch.allclose(augment.grayscale(rgb),
+                          torch.full((1, 3, 1, 1), 0.2989 * 0.5 + 0.5870 * 0.25 + 0.1140))
+    half = torch.full((2, 3, 1, 1), 0.5)
+    assert torch.allclose(augment.adjust_brightness(half, torch.tensor([0.3, 0.7])),
+                          torch.tensor([0.8, 1.0]).view(2, 1, 1, 1).expand(2, 3, 1, 1))
+    # contrast around each channel's own mean: channel 0 is (0.2, 0.6), mean 0.4, factor 2
+    two = torch.tensor([[0.2, 0.6], [0.5, 0.5], [0.0, 0.2]]).view(1, 3, 1, 2)
+    expected = torch.tensor([[0.0, 0.8], [0.5, 0.5], [0.0, 0.3]]).view(1, 3, 1, 2)
+    assert torch.allclose(augment.adjust_contrast(two, torch.tensor([2.0])), expected, atol=1e-6)
+
+
+def test_saturation_and_hue_match_colorsys():
+    pixels = torch.rand(3, 50)
+    x = pixels.view(1, 3, 1, 50)
+    out = augment.adjust_saturation_hue(x, torch.tensor([0.7]), torch.tensor([0.15]))[0, :, 0]
+    for i in range(50):
+        h, s, v = colorsys.rgb_to_hsv(*pixels[:, i].tolist())
+        expected = colorsys.hsv_to_rgb((h + 0.15) % 1, min(1.0, s * 0.7), v)
+        assert torch.allclose(out[:, i], torch.tensor(expected), atol=1e-5)
+    red = torch.tensor([1.0, 0.0, 0.0]).view(1, 3, 1, 1)
+    cyan = augment.adjust_saturation_hue(red, torch.tensor([1.0]), torch.tensor([0.5]))
+    assert torch.allclose(cyan.flatten(), torch.tensor([0.0, 1.0, 1.0]), atol=1e-6)
+    gray = augment.adjust_saturation_hue(red, torch.tensor([0.0]), torch.tensor([0.0]))
+    assert torch.allclose(gray.flatten(), torch.ones(3), atol=1e-6)
+
+
+def test_jitter_runs_the_ops_in_the_drawn_order():
+    x = torch.rand(1, 3, 4, 4)
+    u = torch.full((1, augment.N_SLOTS), 0.5)
+    u[0, augment.SLOT['jitter']] = 0.0                          # jitter on
+    u[0, augment.SLOT['brightness']] = 0.75                     # delta = +0.2
+    u[0, augment.SLOT['contrast']] = 1.0                        # factor 1.4
+    first = augment.SLOT['order_brightness']
+    brightness_first, contrast_first = u.clone(), u.clone()
+    # saturation and hue are drawn at their identity (u = 0.5); the order keys sort the ops
+    brightness_first[0, first:first + 4] = torch.tensor([0.1, 0.2, 0.3, 0.4])
+    contrast_first[0, first:first + 4] = torch.tensor([0.2, 0.1, 0.3, 0.4])
+    b = lambda y: augment.adjust_brightness(y, torch.tensor([0.2]))  # noqa: E731
+    c = lambda y: augment.adjust_contrast(y, torch.tensor([1.4]))    # noqa: E731
+    assert torch.allclose(augment.color_jitter(x, brightness_first, augment.T), c(b(x)),
+                          atol=1e-5)
+    assert torch.allclose(augment.color_jitter(x, contrast_first, augment.T), b(c(x)),
+                          atol=1e-5)
+    assert not torch.allclose(c(b(x)), b(c(x)), atol=1e-3)
+    off = brightness_first.clone()
+    off[0, augment.SLOT['jitter']] = 0.9  # above p = 0.8: no jitter
+    assert torch.allclose(augment.color_jitter(x, off, augment.T), x, atol=1e-5)
+
+
+def test_blur_kernel_is_normalised_gaussian_with_zero_padding():
+    assert augment.blur_radius(224) == 11 and augment.blur_radius(32) == 1
+    kernels = augment.gaussian_kernels(torch.tensor([0.1, 1.0, 2.0]), 11)
+    assert kernels.shape == (3, 23)
+    assert torch.allclose(kernels.sum(1), torch.ones(3))
+    assert kernels[0, 11] > 0.999  # sigma 0.1: (almost) the identity
+    e = math.exp(-0.5)
+    k = augment.gaussian_kernels(torch.tensor([1.0]), 1)[0]
+    assert torch.allclose(k, torch.tensor([e, 1, e]) / (1 + 2 * e))
+    impulse = torch.zeros(1, 3, 5, 5)
+    impulse[:, :, 2, 2] = 1
+    blurred = augment.gaussian_blur(impulse, torch.tensor([1.0]), 1)
+    assert torch.allclose(blurred[0, 0, 1:4, 1:4], torch.outer(k, k), atol=1e-6)
+    ones = torch.ones(1, 3, 5, 5)
+    corner = augment.gaussian_blur(ones, torch.tensor([1.0]), 1)[0, 0]
+    assert torch.allclose(corner[2, 2], torch.tensor(1.0))           # interior: unchanged
+    assert torch.allclose(corner[0, 0], (k[1] + k[2]) ** 2)          # zero padding at corners
+
+
+def gate_rates(view, n=4000):
+    """Measured rates of grayscale, blur and solarize in augment_batch for one distribution: one
+    op at a time, the others switched off, on colourful 32x32 crops (3-tap blur)."""
+    g = torch.Generator().manual_seed(1)
+    crops = (torch.rand(n, 3, 32, 32, generator=g) * 255).to(torch.uint8)
+    u = augment.uniforms(0, 0, torch.arange(n))[:, 0]
+    # (sigma >= 1 so that every blur is visible: sigma 0.1 leaves an image as it is)
+    off = dict(view, flip_p=0.0, jitter_p=0.0, gray_p=0.0, blur_p=0.0, solarize_p=0.0,
+               blur_sigma=(1.0, 2.0))
+    plain = augment.augment_batch(crops, u, off)
+    rates = {}
+    for op in ('gray_p', 'blur_p', 'solarize_p', 'flip_p', 'jitter_p'):
+        out = augment.augment_batch(crops, u, dict(off, **{op: view[op]}))
+        rates[op] = ((out - plain).abs().amax(dim=(1, 2, 3)) > 1e-4).float().mean().item()
+    return rates
+
+
+@pytest.mark.parametrize('view', [augment.T, augment.T_PRIME], ids=['T', "T'"])
+def test_augmentation_probabilities_over_many_draws(view):
+    rates = gate_rates(view)
+    for op, rate in rates.items():
+        assert abs(rate - view[op]) < 0.025, (op, rate, view[op])
+
+
+def test_augment_batch_is_per_image():
+    crops = (torch.rand(6, 3, 16, 16) * 255).to(torch.uint8)
+    u = augment.uniforms(0, 0, torch.arange(6))[:, 1]
+    whole = augment.augment_batch(crops, u, augment.T_PRIME)
+    alone = torch.cat([augment.augment_batch(crops[i:i + 1], u[i:i + 1], augment.T_PRIME)
+                       for i in range(6)])
+    assert torch.allclose(whole, alone, atol=1e-5)
+    assert whole.shape == (6, 3, 16, 16)
+
+# ------------------------------------------------------------------------------------------------
+# Encoders
+# ------------------------------------------------------------------------------------------------
+
+
+def parameter_count(arch, width=1, small=False):
+    with torch.device('meta'):
+        encoder, dim = byol.build_encoder(arch, small, width)
+    return sum(p.numel() for p in encoder.parameters()), dim
+
+
+def test_resnet_sizes_match_torchvision_and_the_paper():
+    assert parameter_count('resnet50') == (23_508_032, 2048)  # torchvision's, without fc
+    assert parameter_count('resnet18')[1] == 512
+    # paper Table 1b: ResNet-50 (2x) 94M, (4x) 375M parameters
+    count2, dim2 = parameter_count('resnet50', 2)
+    count4, dim4 = parameter_count('resnet50', 4)
+    assert dim2 == 4096 and round(count2 / 1e6) == 94
+    assert dim4 == 8192 and round(count4 / 1e6) == 375
+    with torch.device('meta'):
+        r200, _ = byol.build_encoder('resnet200')
+    assert [len(layer) for layer in (r200.layer1, r200.layer2, r200.layer3, r200.layer4)] == \
+        [3, 24, 36, 3]
+
+
+def test_small_image_stem_and_convnet_shapes():
+    net, dim = byol.build_encoder('resnet18', small_images=True)
+    assert net.conv1.kernel_size == (3, 3) and net.conv1.stride == (1, 1)
+    assert isinstance(net.maxpool, nn.Identity)
+    assert net(torch.randn(2, 3, 32, 32)).shape == (2, 512)
+    conv, dim = byol.build_encoder('convnet', width=8)
+    assert dim == 64 and conv(torch.randn(2, 3, 32, 32)).shape == (2, 64)
+    widths = [m.out_channels for m in conv.modules() if isinstance(m, nn.Conv2d)]
+    assert widths == [8, 16, 32, 64]
+
+
+@pytest.mark.parametrize('arch,width,small', [('resnet18', 1, True), ('resnet50', 2, False),
+                                              ('resnet101', 1, False), ('convnet', 8, False)])
+def test_encoder_layout_is_read_back_from_a_state_dict(arch, width, small):
+    with torch.device('meta'):
+        encoder, _ = byol.build_encoder(arch, small, width)
+    assert byol.describe_encoder(encoder.state_dict()) == (arch, width, small)
