@@ -32,7 +32,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_nn
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
@@ -310,6 +309,22 @@ class BYOL(nn.Module):
         torch._foreach_lerp_(target, online, 1.0 - tau)
 
 
+class AllReduceSum(torch.autograd.Function):
+    """Sum over processes whose backward sums the gradients over processes too."""
+
+    @staticmethod
+    def forward(ctx, x):
+        x = x.clone()
+        dist.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
 class AllReduceBatchNorm(nn.modules.batchnorm._BatchNorm):
     """BatchNorm whose batch statistics are summed over all processes with a differentiable
     all-reduce: SyncBatchNorm for CPU (gloo) runs, since torch's nn.SyncBatchNorm is CUDA-only."""
@@ -323,7 +338,7 @@ class AllReduceBatchNorm(nn.modules.batchnorm._BatchNorm):
             return super().forward(x)
         dims = [0, *range(2, x.dim())]
         count = x.new_tensor([x.numel() / x.shape[1]])
-        stats = dist_nn.all_reduce(torch.cat([x.sum(dims), (x * x).sum(dims), count]))
+        stats = AllReduceSum.apply(torch.cat([x.sum(dims), (x * x).sum(dims), count]))
         c = x.shape[1]
         n = stats[-1]
         mean, var = stats[:c] / n, stats[c:2 * c] / n - (stats[:c] / n) ** 2  # biased variance
@@ -442,9 +457,9 @@ class FolderImages:
 
     def load(self, i):
         path = self.samples[i][0]
-        try:
+        try:  # libjpeg-turbo / libpng through torchvision: faster than PIL, the same pixels
             return torchvision.io.decode_image(path, mode=torchvision.io.ImageReadMode.RGB)
-        except (RuntimeError, ValueError):  # a format decode_image lacks (bmp, tiff): try PIL
+        except Exception:  # formats it lacks (bmp, tiff), or a torchvision without it: PIL
             from PIL import Image
             with Image.open(path) as image:
                 return torchvision.transforms.functional.pil_to_tensor(image.convert('RGB'))
@@ -744,7 +759,11 @@ def load_encoder(path):
     except (KeyError, AttributeError, IndexError) as e:
         raise UserError(f'{path} is not a byol.py checkpoint or encoder.pth ({e})') from None
     encoder, feature_dim = build_encoder(arch, small_images, width)
-    encoder.load_state_dict(state)
+    try:
+        encoder.load_state_dict(state)
+    except RuntimeError as e:
+        raise UserError(f'{path}: its weights do not fit a {arch} encoder '
+                        f'({str(e).splitlines()[1].strip()[:150]})') from None
     return encoder, feature_dim
 
 
@@ -895,8 +914,10 @@ def train(args):
                     stats /= world
                 loss_mean, std, stop = stats.tolist()
                 if not math.isfinite(loss_mean):
+                    kept = out / 'checkpoint.pth'
                     raise UserError(f'the loss is {loss_mean} at step {step}; lower --lr or use '
-                                    f'--amp none. The last good checkpoint is kept in {out}')
+                                    '--amp none; ' + (f'{kept} keeps the last good state' if
+                                                      kept.exists() else 'nothing was saved'))
                 now = time.time()
                 eta = (now - start_time) / (step - start_step) * (total_steps - step)
                 log(f'step {step}/{total_steps} | ep {epoch} | loss {loss_mean:.4f} | '

@@ -49,8 +49,8 @@ def get_parser():
     a('--download', action='store_true', help='download a named dataset if it is missing')
     a('--pretrained', default=None, help='byol.py checkpoint.pth or exported encoder.pth; '
       'omitted: a randomly initialised encoder (baseline)')
-    a('--arch', default='resnet50', choices=byol.ARCHS, help='encoder when --pretrained is '
-      'omitted (otherwise read from the checkpoint)')
+    a('--arch', default=None, choices=byol.ARCHS, help='encoder when --pretrained is omitted '
+      '(default resnet50); with --pretrained it is read from the checkpoint')
     a('--width', type=int, default=None, help='as byol.py, when --pretrained is omitted')
     a('--small-images', action='store_true', default=None, help='as byol.py, when --pretrained '
       'is omitted (default: on for images <= 64 px)')
@@ -84,8 +84,11 @@ class Heads(nn.Module):
     def __init__(self, feature_dim, n_classes, n_heads):
         super().__init__()
         self.heads = nn.ModuleList(nn.Linear(feature_dim, n_classes) for _ in range(n_heads))
+        self.standardize = None  # optional fixed (mean, std) applied to the features first
 
     def forward(self, y):
+        if self.standardize is not None:
+            y = (y - self.standardize[0]) / self.standardize[1]
         return torch.stack([head(y) for head in self.heads])
 
 
@@ -167,11 +170,15 @@ def frozen_encoder(args, images, device):
     """The encoder to evaluate, frozen, in eval mode (BN uses its stored statistics)."""
     if args.pretrained:
         encoder, feature_dim = byol.load_encoder(args.pretrained)
-        log(f'encoder: {args.pretrained}')
+        arch = byol.describe_encoder(encoder.state_dict())[0]
+        if args.arch and args.arch != arch:
+            raise UserError(f'{args.pretrained} holds a {arch} encoder, not --arch {args.arch}; '
+                            'drop --arch (it is read from the checkpoint) or pass another file')
+        log(f'encoder: {arch} from {args.pretrained}')
     else:
         small = args.small_images if args.small_images is not None else \
             byol.default_image_size(images) <= 64
-        encoder, feature_dim = byol.build_encoder(args.arch, small, args.width)
+        encoder, feature_dim = byol.build_encoder(args.arch or 'resnet50', small, args.width)
         log('WARNING: no --pretrained given: evaluating a RANDOMLY INITIALISED encoder (baseline)')
     encoder.requires_grad_(False)
     return encoder.to(device).eval(), feature_dim
@@ -225,6 +232,11 @@ def run(args):
                    train_images=len(train_idx), image_size=size)
     if cached:
         x, y = features(byol.Subset(train_images, train_idx))
+        # DEVIATION (cached mode only): features are standardised with the training features'
+        # mean and std, a fixed affine map (the classifier stays linear in the features) that
+        # lets 80 epochs of SGD converge on small sets whatever the features' scale.
+        mean, std = x.mean(dim=0), x.std(dim=0) + 1e-6
+        heads.standardize = (mean, std)
         batches = feature_batches(x, y, args.batch_size, args.seed)
         fit(heads, optimizer, batches, args.epochs, math.ceil(len(x) / args.batch_size), device,
             name='linear')
@@ -238,7 +250,8 @@ def run(args):
             for crops, u, labels, _ in loader:
                 x = augment.eval_batch(crops[:, 0].to(device, non_blocking=True), u[:, 0].to(device))
                 with torch.no_grad(), byol.autocast(device, amp):
-                    yield encoder(x).float(), labels.to(device)
+                    y = encoder(x).float()
+                yield y, labels.to(device)  # (not inside no_grad: the heads need gradients)
         model = DistributedDataParallel(heads) if world > 1 else heads
         fit(model, optimizer, batches, args.epochs, len(loader), device, name='linear')
     held_out_x, held_out_y = features(byol.Subset(train_images, holdout_idx))

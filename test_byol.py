@@ -24,6 +24,10 @@ import augment
 import byol
 import linear_eval
 
+# torchvision 0.29 deprecates its image decoders in favour of torchcodec; byol.py uses them while
+# they exist (they decode JPEGs faster than PIL, bit-identically) and falls back to PIL.
+pytestmark = pytest.mark.filterwarnings('ignore:The image decoding:DeprecationWarning')
+
 HERE = Path(__file__).resolve().parent
 CIFAR10 = Path(os.environ.get('BYOL_CIFAR10', HERE.parent / 'shared' / 'data' / 'cifar10'))
 needs_cifar10 = pytest.mark.skipif(
@@ -452,3 +456,199 @@ def test_encoder_layout_is_read_back_from_a_state_dict(arch, width, small):
     with torch.device('meta'):
         encoder, _ = byol.build_encoder(arch, small, width)
     assert byol.describe_encoder(encoder.state_dict()) == (arch, width, small)
+
+# ------------------------------------------------------------------------------------------------
+# The training loop: resume, preemption, processes, export, errors
+# ------------------------------------------------------------------------------------------------
+
+
+def load(path):
+    return torch.load(path, map_location='cpu', weights_only=True)
+
+
+def assert_same_state(a, b, exact=True):
+    for part in ('online', 'target'):
+        assert a[part].keys() == b[part].keys()
+        for key in a[part]:
+            x, y = a[part][key].float(), b[part][key].float()
+            assert torch.equal(x, y) if exact else torch.allclose(x, y, rtol=1e-3, atol=1e-4), \
+                (part, key, (x - y).abs().max())
+
+
+def test_resume_mid_epoch_is_bit_exact(image_folder, tmp_path, capsys):
+    args = ['--data', image_folder, *TINY, '--epochs', '3']  # 4 steps per epoch, 12 in all
+    assert run_main(byol, args + ['--output-dir', tmp_path / 'full'])[0] == 0
+    assert run_main(byol, args + ['--output-dir', tmp_path / 'part', '--stop-at-step', '6'])[0] == 0
+    stopped = load(tmp_path / 'part' / 'checkpoint.pth')
+    assert stopped['step'] == 6 and not (tmp_path / 'part' / 'encoder.pth').exists()
+    code, out, _ = run_main(byol, args + ['--output-dir', tmp_path / 'part'], capsys)
+    assert code == 0 and 'resumed from' in out and 'at step 6' in out
+    full, resumed = load(tmp_path / 'full' / 'checkpoint.pth'), load(tmp_path / 'part' /
+                                                                      'checkpoint.pth')
+    assert full['step'] == resumed['step'] == 12
+    assert_same_state(full, resumed)
+    for state_a, state_b in zip(full['optimizer']['state'].values(),
+                                resumed['optimizer']['state'].values()):
+        assert torch.equal(state_a['momentum_buffer'], state_b['momentum_buffer'])
+    # the schedules were those of the full run: the last epoch's logged loss is the same
+    last = [json.loads(line) for line in open(tmp_path / 'full' / 'log.jsonl')][-1]
+    last_resumed = [json.loads(line) for line in open(tmp_path / 'part' / 'log.jsonl')][-1]
+    assert last['epoch'] == last_resumed['epoch'] == 2
+    assert last['loss'] == last_resumed['loss'] and last['lr'] == last_resumed['lr']
+    assert last['tau'] == pytest.approx(byol.target_tau(11, 12, 0.97))
+
+
+def test_sigterm_saves_a_checkpoint_and_the_run_resumes(image_folder, tmp_path):
+    out = tmp_path / 'run'
+    command = [sys.executable, str(HERE / 'byol.py'), '--data', str(image_folder), *TINY,
+               '--epochs', '400', '--output-dir', str(out)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, cwd=tmp_path)
+    for line in process.stdout:
+        if line.startswith('step '):
+            process.terminate()  # SIGTERM, as a scheduler's preemption
+            break
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0, stderr
+    assert 'stopped by a signal' in stdout
+    step = load(out / 'checkpoint.pth')['step']
+    assert 2 <= step < 1600
+    result = subprocess.run(command[:-4] + ['--epochs', '400', '--output-dir', str(out),
+                                            '--stop-at-step', str(step + 2)],
+                            capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert result.returncode == 0 and f'at step {step}' in result.stdout
+    assert load(out / 'checkpoint.pth')['step'] == step + 2
+
+
+def test_two_gloo_processes_match_one(image_folder, tmp_path):
+    args = ['--data', str(image_folder), *TINY, '--epochs', '2']
+    assert run_main(byol, args + ['--output-dir', tmp_path / 'one'])[0] == 0
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    torchrun = [sys.executable, '-m', 'torch.distributed.run', '--standalone',
+                '--nproc_per_node=2', str(HERE / 'byol.py')]
+    result = subprocess.run(torchrun + args + ['--output-dir', str(tmp_path / 'two')],
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert '2 process(es)' in result.stdout
+    one, two = load(tmp_path / 'one' / 'checkpoint.pth'), load(tmp_path / 'two' /
+                                                                 'checkpoint.pth')
+    assert one['step'] == two['step'] == 8
+    assert_same_state(one, two, exact=False)  # equal up to float reduction order
+    # the global batch must divide over the processes
+    result = subprocess.run(torchrun + args[:-2] + ['--epochs', '1', '--batch-size', '15',
+                                                    '--output-dir', str(tmp_path / 'odd')],
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode != 0
+    assert 'byol.py: error: --batch-size 15 does not divide over 2 processes' in result.stderr
+
+
+def test_allreduce_batchnorm_equals_batchnorm_in_one_process():
+    bn = nn.BatchNorm2d(3)
+    synced = byol.synchronize_batchnorm(nn.Sequential(copy.deepcopy(bn)), torch.device('cpu'))[0]
+    assert isinstance(synced, byol.AllReduceBatchNorm)
+    x = torch.randn(8, 3, 5, 5, requires_grad=True)
+    import torch.distributed as dist
+    dist.init_process_group('gloo', init_method='tcp://127.0.0.1:0', rank=0, world_size=1) \
+        if not dist.is_initialized() else None
+    try:
+        y_ref, y = bn(x), synced(x)
+        assert torch.allclose(y, y_ref, atol=1e-5)
+        g_ref, = torch.autograd.grad((y_ref ** 3).sum(), x)
+        g, = torch.autograd.grad((y ** 3).sum(), x)
+        assert torch.allclose(g, g_ref, atol=1e-4)
+        assert torch.allclose(synced.running_var, bn.running_var, atol=1e-6)
+        assert torch.allclose(synced.running_mean, bn.running_mean, atol=1e-6)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_exported_encoder_loads_into_torchvision(image_folder, tmp_path):
+    out = tmp_path / 'r18'
+    args = ['--data', image_folder, *TINY, '--arch', 'resnet18', '--width', '1',
+            '--no-small-images', '--epochs', '1', '--output-dir', out]
+    assert run_main(byol, args)[0] == 0
+    state = load(out / 'encoder.pth')
+    resnet = torchvision.models.resnet18()
+    result = resnet.load_state_dict(state, strict=False)
+    assert sorted(result.missing_keys) == ['fc.bias', 'fc.weight']
+    assert result.unexpected_keys == []
+    checkpoint = load(out / 'checkpoint.pth')
+    assert torch.equal(resnet.conv1.weight, checkpoint['online']['encoder.conv1.weight'])
+    x = torch.randn(2, 3, 32, 32)
+    from_export, dim = byol.load_encoder(out / 'encoder.pth')
+    from_checkpoint, _ = byol.load_encoder(out / 'checkpoint.pth')
+    resnet.fc = nn.Identity()
+    outputs = [m.eval()(x) for m in (from_export, from_checkpoint, resnet)]
+    assert dim == 512 and torch.equal(outputs[0], outputs[1]) and torch.equal(outputs[0],
+                                                                              outputs[2])
+
+
+def assert_one_line_error(code, err, *fragments):
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and 'Traceback' not in err, err
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def test_bad_data_gives_one_line_errors(tmp_path, capsys):
+    common = [*TINY, '--epochs', '1', '--output-dir', tmp_path / 'out']
+    assert_one_line_error(*run_main(byol, ['--data', tmp_path / 'nope', *common], capsys)[::2],
+                          'no such folder')
+    (tmp_path / 'empty').mkdir()
+    assert_one_line_error(*run_main(byol, ['--data', tmp_path / 'empty', *common], capsys)[::2],
+                          'holds no images')
+    (tmp_path / 'bad' / 'cls').mkdir(parents=True)
+    (tmp_path / 'bad' / 'cls' / 'a.jpg').write_bytes(b'not a jpeg at all')
+    assert_one_line_error(*run_main(byol, ['--data', tmp_path / 'bad', *common], capsys)[::2],
+                          'cannot read image', 'a.jpg')
+    assert_one_line_error(*run_main(byol, ['--data', 'cifar10', '--data-root', tmp_path,
+                                           *common], capsys)[::2], 'pass --download')
+    assert_one_line_error(*run_main(byol, ['--data', tmp_path, '--arch', 'vit'], capsys)[::2],
+                          "invalid choice: 'vit'")
+    assert_one_line_error(*run_main(byol, ['--data', tmp_path, '--batch-size', 'x'],
+                                    capsys)[::2], 'invalid int value')
+    assert not (tmp_path / 'out').exists()
+
+
+def test_a_corrupt_image_mid_run_is_skipped_with_a_warning(image_folder, tmp_path, capsys):
+    data = tmp_path / 'data'
+    import shutil
+    shutil.copytree(image_folder / 'train', data)
+    (data / 'class3' / 'zzz_broken.jpg').write_bytes(b'\xff\xd8 truncated')
+    code, out, err = run_main(byol, ['--data', data, *TINY, '--epochs', '1', '--output-dir',
+                                     tmp_path / 'out'], capsys)
+    assert code == 0 and 'done' in out
+    assert 'warning: skipping unreadable image' in err and 'zzz_broken.jpg' in err
+
+
+def test_bad_checkpoints_give_one_line_errors_and_keep_the_saved_one(image_folder, tmp_path,
+                                                                     capsys):
+    out = tmp_path / 'out'
+    args = ['--data', image_folder, *TINY, '--epochs', '1', '--output-dir', out]
+    assert run_main(byol, args)[0] == 0
+    saved = (out / 'checkpoint.pth').read_bytes()
+    code, _, err = run_main(byol, args + ['--arch', 'resnet18', '--width', '1'], capsys)
+    assert_one_line_error(code, err, 'was made with --arch convnet (now resnet18)')
+    code, _, err = run_main(byol, args + ['--batch-size', '32'], capsys)
+    assert_one_line_error(code, err, '--batch-size 16 (now 32)')
+    (tmp_path / 'junk.pth').write_bytes(b'junk')
+    code, _, err = run_main(byol, args + ['--resume', tmp_path / 'junk.pth'], capsys)
+    assert_one_line_error(code, err, 'cannot read checkpoint', 'junk.pth')
+    code, _, err = run_main(byol, args + ['--resume', out / 'encoder.pth'], capsys)
+    assert_one_line_error(code, err, 'not a byol.py training checkpoint')
+    code, _, err = run_main(byol, args + ['--resume', tmp_path / 'missing.pth'], capsys)
+    assert_one_line_error(code, err, 'does not exist')
+    assert (out / 'checkpoint.pth').read_bytes() == saved
+
+
+def test_a_diverging_loss_stops_with_a_clear_message(image_folder, tmp_path, capsys):
+    code, _, err = run_main(byol, ['--data', image_folder, *TINY, '--epochs', '2', '--lr', '1e30',
+                                   '--output-dir', tmp_path], capsys)
+    assert_one_line_error(code, err, 'the loss is nan', 'lower --lr')
+
+
+def test_errors_print_no_traceback_from_the_command_line(tmp_path):
+    result = subprocess.run([sys.executable, str(HERE / 'byol.py'), '--data',
+                             str(tmp_path / 'nope')], capture_output=True, text=True)
+    assert_one_line_error(result.returncode, result.stderr, 'no such folder')
