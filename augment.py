@@ -109,19 +109,30 @@ def _between(u, low_high):
 # ------------------------------------------------------------------------------------------------
 
 
-def crop_box(u, height, width, view=T):
-    """Random resized crop box (top, left, h, w) from one view's uniforms u (N_SLOTS,).
+def crop_boxes(u, heights, widths, view=T):
+    """Random resized crop boxes (B, 4) int64 rows (top, left, h, w) from one view's uniforms
+    u (B, N_SLOTS), for images of the given heights and widths (B,) (or one shared size).
 
     As the official code: a single draw, no retry (torchvision retries 10 times then falls back to
     a centre crop): area A = U[0.08, 1] * H * W, ratio r log-uniform in [3/4, 4/3],
-    w = round(sqrt(A r)), h = round(sqrt(A / r)), clamped to the image, uniform offset."""
-    area = _between(float(u[SLOT['crop_area']]), view['crop_area']) * height * width
-    log_ratio = _between(float(u[SLOT['crop_ratio']]), [math.log(r) for r in view['crop_ratio']])
-    w = min(width, max(1, round(math.sqrt(area * math.exp(log_ratio)))))
-    h = min(height, max(1, round(math.sqrt(area / math.exp(log_ratio)))))
-    top = min(height - h, int(float(u[SLOT['crop_y']]) * (height - h + 1)))
-    left = min(width - w, int(float(u[SLOT['crop_x']]) * (width - w + 1)))
-    return top, left, h, w
+    w = round(sqrt(A r)), h = round(sqrt(A / r)), clamped to the image, uniform offset.
+    Computed in float64, so the loader (one image at a time) and the device (whole batch) agree."""
+    u = u.double()
+    height = torch.as_tensor(heights, dtype=torch.float64, device=u.device)
+    width = torch.as_tensor(widths, dtype=torch.float64, device=u.device)
+    area = _between(u[:, SLOT['crop_area']], view['crop_area']) * height * width
+    ratio = torch.exp(_between(u[:, SLOT['crop_ratio']],
+                               [math.log(r) for r in view['crop_ratio']]))
+    w = torch.minimum(width, torch.sqrt(area * ratio).round().clamp_min(1))
+    h = torch.minimum(height, torch.sqrt(area / ratio).round().clamp_min(1))
+    top = torch.minimum(height - h, (u[:, SLOT['crop_y']] * (height - h + 1)).floor())
+    left = torch.minimum(width - w, (u[:, SLOT['crop_x']] * (width - w + 1)).floor())
+    return torch.stack([top, left, h, w], dim=1).long()
+
+
+def crop_box(u, height, width, view=T):
+    """crop_boxes for one image: u (N_SLOTS,) -> (top, left, h, w) ints."""
+    return tuple(crop_boxes(u[None], height, width, view)[0].tolist())
 
 
 def center_crop_box(height, width, fraction=0.875):
@@ -140,6 +151,38 @@ def resized_crop(image, box, size):
     # is rounded to uint8 here (error <= 0.5/255) so that loaders ship 4x fewer bytes.
     crop = F.interpolate(crop, size=(size, size), mode='bicubic', align_corners=False)
     return crop[0].round_().clamp_(0, 255).to(torch.uint8)
+
+
+def _bicubic_matrix(start, length, in_size, size):
+    """(B, size, in_size) matrices that resample rows [start, start + length) of each image to
+    `size` rows exactly as F.interpolate(mode='bicubic', align_corners=False) resamples the crop:
+    taps at floor(x) - 1 .. floor(x) + 2 of x = (j + 0.5) length / size - 0.5, cubic convolution
+    with a = -0.75, indices clamped to the crop."""
+    j = torch.arange(size, device=start.device, dtype=torch.float64)
+    x = (j[None] + 0.5) * (length[:, None].double() / size) - 0.5        # (B, size)
+    base = x.floor()
+    t = (x - base)[..., None]                                            # (B, size, 1)
+    d = torch.tensor([1.0, 0.0, 1.0, 2.0], device=start.device, dtype=torch.float64)
+    d = (t + d * torch.tensor([1.0, -1.0, -1.0, -1.0], device=start.device,
+                              dtype=torch.float64)).abs()                # distances to the taps
+    a = -0.75
+    weight = torch.where(d <= 1, ((a + 2) * d - (a + 3)) * d * d + 1,
+                         ((a * d - 5 * a) * d + 8 * a) * d - 4 * a)     # (B, size, 4)
+    taps = base[..., None].long() + torch.arange(-1, 3, device=start.device)
+    taps = torch.minimum(taps.clamp_min(0), length[:, None, None] - 1) + start[:, None, None]
+    matrix = torch.zeros(len(start), size, in_size, device=start.device, dtype=torch.float64)
+    return matrix.scatter_add_(2, taps, weight).float()
+
+
+def resized_crops(images, boxes, size):
+    """resized_crop for a batch of same-size images (B, C, H, W) uint8 and boxes (B, 4), in two
+    batched matrix products (rows, then columns): for data held on the device."""
+    top, left, h, w = boxes.to(images.device).unbind(1)
+    rows = _bicubic_matrix(top, h, images.shape[-2], size)              # (B, S, H)
+    cols = _bicubic_matrix(left, w, images.shape[-1], size)             # (B, S, W)
+    out = rows[:, None] @ images.float() @ cols[:, None].transpose(-1, -2)
+    return out.round_().clamp_(0, 255).to(torch.uint8)
+
 
 # ------------------------------------------------------------------------------------------------
 # Photometric ops (on the device, batched; x is (B, 3, H, W) in [0, 1], parameters are (B,))

@@ -49,6 +49,7 @@ PRESETS = {40: (0.45, 1e-6, 0.97), 100: (0.45, 1e-6, 0.99), 300: (0.3, 1e-6, 0.9
 # Named torchvision datasets for small experiments.
 NAMED_DATASETS = ('cifar10', 'cifar100', 'stl10', 'fashionmnist')
 ARCHS = ('resnet18', 'resnet34', 'resnet50', 'resnet101', 'resnet152', 'resnet200', 'convnet')
+SYNC_EVERY = 5  # steps between the loop's host synchronisations (loss check, preemption flag)
 # Settings that define a run: a resumed run must use the same ones.
 RUN_SETTINGS = ('arch', 'width', 'small_images', 'image_size', 'hidden_dim', 'projection_dim',
                 'epochs', 'batch_size', 'lr', 'wd', 'tau', 'warmup_epochs', 'seed')
@@ -88,6 +89,9 @@ def get_parser():
     a('--tau', type=float, default=None, help='base EMA rate tau of the target, cosine to 1 '
       '(preset)')
     a('--warmup-epochs', type=float, default=10, help='linear lr warmup (paper: 10 epochs)')
+    a('--data-on-device', action=argparse.BooleanOptionalAction, default=None,
+      help='hold the whole dataset on the training device and crop there (default: on for named '
+      f'datasets and folders of at most {MAX_IN_MEMORY} images of one size)')
     a('--workers', type=int, default=None, help='data-loader processes per GPU/process '
       '(default: the CPU cores per process less one, at most 10)')
     a('--seed', type=int, default=0, help='seeds the initialisation, the data order and every '
@@ -544,6 +548,18 @@ def load_images(data, data_root='data', download=False, split='train'):
     return images
 
 
+def load_or_skip(images, i):
+    """Image i, or, if it cannot be read, the next readable one (with a warning naming it)."""
+    for j in range(i, i + 100):
+        j %= len(images)
+        try:
+            return images.load(j)
+        except Exception as e:
+            print(f'warning: skipping unreadable image {images.name(j)}: '
+                  f'{str(e).strip()[:200]}', file=sys.stderr, flush=True)
+    raise RuntimeError(f'100 unreadable images in a row from {images.name(i)}')
+
+
 class Crops(torch.utils.data.Dataset):
     """Batches of crops made in the data loader: keys [(epoch, i), ...] ->
     (crops uint8 (b, V, 3, S, S), uniforms (b, V, N_SLOTS), labels (b,), indices (b,)).
@@ -558,29 +574,20 @@ class Crops(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.images)
 
-    def load(self, i):
-        """The image, or, if it cannot be read, the next readable one (with a warning)."""
-        for j in range(i, i + 100):
-            j %= len(self.images)
-            try:
-                return self.images.load(j)
-            except Exception as e:
-                print(f'warning: skipping unreadable image {self.images.name(j)}: '
-                      f'{str(e).strip()[:200]}', file=sys.stderr, flush=True)
-        raise RuntimeError(f'100 unreadable images in a row from {self.images.name(i)}')
-
     def __getitems__(self, keys):  # the DataLoader asks for whole batches through this
         epochs, indices = (torch.tensor(k) for k in zip(*keys))
         u = augment.uniforms(self.seed, epochs, indices, self.n_views)  # (b, V, N_SLOTS)
-        crops = []
-        for i, ui in zip(indices.tolist(), u):
-            image = self.load(i)
-            h, w = image.shape[-2:]
-            boxes = [augment.crop_box(ui[v], h, w) if self.random else
-                     augment.center_crop_box(h, w) for v in range(self.n_views)]
-            crops.append(torch.stack([augment.resized_crop(image, b, self.size) for b in boxes]))
+        images = [load_or_skip(self.images, i) for i in indices.tolist()]
+        heights, widths = torch.tensor([image.shape[-2:] for image in images]).T
+        boxes = torch.stack([augment.crop_boxes(u[:, v], heights, widths) if self.random else
+                             torch.tensor([augment.center_crop_box(h, w) for h, w in
+                                           zip(heights.tolist(), widths.tolist())])
+                             for v in range(self.n_views)], dim=1)  # (b, V, 4)
+        crops = torch.stack([torch.stack([augment.resized_crop(image, box.tolist(), self.size)
+                                          for box in image_boxes])
+                             for image, image_boxes in zip(images, boxes)])
         labels = torch.tensor([self.images.labels[i] for i in indices.tolist()])
-        return torch.stack(crops), u, labels, indices
+        return crops, u, labels, indices
 
     def __getitem__(self, key):
         return tuple(t[0] for t in self.__getitems__([key]))
@@ -623,6 +630,49 @@ class EpochSampler(torch.utils.data.DistributedSampler):
 
     def __len__(self):
         return self.num_samples - self.skip
+
+
+MAX_IN_MEMORY = 200_000  # images: CIFAR, STL-10 (105k at 96 px: 2.9 GB), Fashion-MNIST
+
+
+def images_in_memory(images):
+    """All images as one uint8 tensor (N, 3, H, W) if they fit (a named dataset, or a folder of
+    at most MAX_IN_MEMORY images of one size), else None."""
+    if isinstance(images, ArrayImages):
+        return images.data
+    if len(images) > MAX_IN_MEMORY:
+        return None
+    first = images.load(0).shape
+    data = torch.empty(len(images), *first, dtype=torch.uint8)
+    for i in range(len(images)):
+        image = load_or_skip(images, i)
+        if image.shape != first:
+            return None
+        data[i] = image
+    return data
+
+
+class DeviceCrops:
+    """Batches of crop pairs from a dataset held whole on the training device: no DataLoader.
+    The same EpochSampler keys and the same uniforms as Crops, so the same crops (up to uint8
+    rounding), computed over the batch -> (crops (b, 2, 3, S, S) uint8, uniforms (b, 2, N_SLOTS))."""
+
+    def __init__(self, data, size, batch_size, seed, device):
+        self.data, self.size, self.batch_size, self.seed = data.to(device), size, batch_size, seed
+        self.sampler = EpochSampler(range(len(data)), shuffle=True, seed=seed)
+
+    def __len__(self):
+        return len(self.sampler) // self.batch_size
+
+    def __iter__(self):
+        keys = torch.tensor([i for _, i in self.sampler], device=self.data.device)
+        height, width = self.data.shape[-2:]
+        for k in range(len(self)):
+            indices = keys[k * self.batch_size:(k + 1) * self.batch_size]
+            u = augment.uniforms(self.seed, self.sampler.epoch, indices)   # (b, 2, N_SLOTS)
+            images = self.data[indices]
+            yield torch.stack([augment.resized_crops(images, augment.crop_boxes(
+                u[:, v], height, width), self.size) for v in range(2)], dim=1), u
 
 
 def make_loader(dataset, batch_size, workers, shuffle, seed, device, transform=None):
@@ -799,7 +849,7 @@ def save_checkpoint(path, byol, optimizer, scaler, step, config):
 @contextlib.contextmanager
 def preemption_signals():
     """SIGTERM / SIGUSR1 (preemption, SLURM's --signal) are recorded, not fatal: the loop saves a
-    checkpoint and exits cleanly at its next log step."""
+    checkpoint and exits cleanly within SYNC_EVERY steps."""
     received = []
     previous = {s: signal.signal(s, lambda signum, _: received.append(signum))
                 for s in (signal.SIGTERM, signal.SIGUSR1)}
@@ -823,15 +873,23 @@ def train(args):
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 
-    # Data: labels are never used for the loss. On CPU the photometric augmentation runs in the
-    # loader's workers, beside the training step; on GPU on the device over the whole batch.
-    dataset = Crops(images, args.image_size, n_views=2, random=True, seed=args.seed)
-    augment_on_device = device.type == 'cuda'
-    loader = make_loader(dataset, args.batch_size // world, args.workers, True, args.seed, device,
-                         transform=None if augment_on_device else views_in_loader)
-    steps_per_epoch = len(dataset) // args.batch_size
+    # Data: labels are never used for the loss. Small datasets live on the device, cropped and
+    # augmented there in whole batches. Otherwise loader workers decode and crop; the
+    # photometric half then runs on the GPU over the batch, or, on CPU, in the workers.
+    data = images_in_memory(images) if args.data_on_device is not False else None
+    if args.data_on_device and data is None:
+        raise UserError(f'--data-on-device needs at most {MAX_IN_MEMORY} images of one size')
+    augment_on_device = data is not None or device.type == 'cuda'
+    if data is not None:
+        loader = DeviceCrops(data, args.image_size, args.batch_size // world, args.seed, device)
+    else:
+        loader = make_loader(Crops(images, args.image_size, n_views=2, random=True,
+                                   seed=args.seed), args.batch_size // world, args.workers, True,
+                             args.seed, device,
+                             transform=None if augment_on_device else views_in_loader)
+    steps_per_epoch = len(images) // args.batch_size
     if steps_per_epoch == 0:
-        raise UserError(f'{len(dataset)} images are fewer than one batch of {args.batch_size}; '
+        raise UserError(f'{len(images)} images are fewer than one batch of {args.batch_size}; '
                         'lower --batch-size')
     # DEVIATION: the official code counts K = epochs * N // B steps over a repeated stream; we run
     # whole epochs of N // B steps (312,000 instead of 312,784 for 1000 ImageNet epochs).
@@ -868,7 +926,8 @@ def train(args):
     if is_main():
         out.mkdir(parents=True, exist_ok=True)
     log('config: ' + json.dumps(config, sort_keys=True))
-    log(f'{len(dataset)} images, {world} process(es) on {device.type}, {steps_per_epoch} steps '
+    log(f'{len(images)} images{" on the device" if data is not None else ""}, {world} '
+        f'process(es) on {device.type}, {steps_per_epoch} steps '
         f'of {args.batch_size} per epoch, {total_steps} steps, peak lr {peak_lr:g}, '
         f'{sum(p.numel() for p in encoder.parameters()) / 1e6:.1f}M encoder parameters'
         + (f'; resumed from {resume} at step {step}' if resume else ''))
@@ -903,10 +962,11 @@ def train(args):
                 window_steps += 1
                 epoch_steps += 1
 
-                if step % args.log_every and step != args.stop_at_step and \
-                        step % steps_per_epoch:
+                log_now = step % args.log_every == 0 or step % steps_per_epoch == 0
+                if not (log_now or step % SYNC_EVERY == 0 or step == args.stop_at_step):
                     continue
-                # One synchronisation per log step: global mean loss, collapse signal, stop flag.
+                # One synchronisation every few steps: global mean loss, collapse signal, and
+                # whether any process received a preemption signal (all must stop together).
                 stats = torch.stack([window_loss / window_steps, z_std.detach().float(),
                                      torch.tensor(float(bool(received)), device=device)])
                 if world > 1:
@@ -918,13 +978,14 @@ def train(args):
                     raise UserError(f'the loss is {loss_mean} at step {step}; lower --lr or use '
                                     '--amp none; ' + (f'{kept} keeps the last good state' if
                                                       kept.exists() else 'nothing was saved'))
-                now = time.time()
-                eta = (now - start_time) / (step - start_step) * (total_steps - step)
-                log(f'step {step}/{total_steps} | ep {epoch} | loss {loss_mean:.4f} | '
-                    f'lr {lr:.4g} | tau {tau:.5f} | z_std {std:.4f} | '
-                    f'{args.batch_size * window_steps / (now - window_time):.0f} img/s | '
-                    f'eta {format_time(eta)}')
-                window_time, window_loss, window_steps = now, torch.zeros((), device=device), 0
+                if log_now or stop or step == args.stop_at_step:
+                    now = time.time()
+                    eta = (now - start_time) / (step - start_step) * (total_steps - step)
+                    log(f'step {step}/{total_steps} | ep {epoch} | loss {loss_mean:.4f} | '
+                        f'lr {lr:.4g} | tau {tau:.5f} | z_std {std:.4f} | '
+                        f'{args.batch_size * window_steps / (now - window_time):.0f} img/s | '
+                        f'eta {format_time(eta)}')
+                    window_time, window_loss, window_steps = now, torch.zeros((), device=device), 0
                 if stop or step == args.stop_at_step:
                     stopped = True
                     break

@@ -475,8 +475,9 @@ def assert_same_state(a, b, exact=True):
                 (part, key, (x - y).abs().max())
 
 
-def test_resume_mid_epoch_is_bit_exact(image_folder, tmp_path, capsys):
-    args = ['--data', image_folder, *TINY, '--epochs', '3']  # 4 steps per epoch, 12 in all
+@pytest.mark.parametrize('where', ['--data-on-device', '--no-data-on-device'])
+def test_resume_mid_epoch_is_bit_exact(where, image_folder, tmp_path, capsys):
+    args = ['--data', image_folder, *TINY, where, '--epochs', '3']  # 4 steps an epoch, 12 in all
     assert run_main(byol, args + ['--output-dir', tmp_path / 'full'])[0] == 0
     assert run_main(byol, args + ['--output-dir', tmp_path / 'part', '--stop-at-step', '6'])[0] == 0
     stopped = load(tmp_path / 'part' / 'checkpoint.pth')
@@ -520,8 +521,9 @@ def test_sigterm_saves_a_checkpoint_and_the_run_resumes(image_folder, tmp_path):
     assert load(out / 'checkpoint.pth')['step'] == step + 2
 
 
-def test_two_gloo_processes_match_one(image_folder, tmp_path):
-    args = ['--data', str(image_folder), *TINY, '--epochs', '2']
+@pytest.mark.parametrize('where', ['--data-on-device', '--no-data-on-device'])
+def test_two_gloo_processes_match_one(where, image_folder, tmp_path):
+    args = ['--data', str(image_folder), *TINY, where, '--epochs', '2']
     assert run_main(byol, args + ['--output-dir', tmp_path / 'one'])[0] == 0
     env = dict(os.environ, OMP_NUM_THREADS='1')
     torchrun = [sys.executable, '-m', 'torch.distributed.run', '--standalone',
@@ -652,3 +654,116 @@ def test_errors_print_no_traceback_from_the_command_line(tmp_path):
     result = subprocess.run([sys.executable, str(HERE / 'byol.py'), '--data',
                              str(tmp_path / 'nope')], capture_output=True, text=True)
     assert_one_line_error(result.returncode, result.stderr, 'no such folder')
+
+# ------------------------------------------------------------------------------------------------
+# Learning on real data: CIFAR-10 as an image folder (../shared/data/cifar10)
+# ------------------------------------------------------------------------------------------------
+# About 60-90 s of CPU: convnet of width 16, one epoch of batch 128 (390 steps). Short CPU runs
+# need a larger base lr than the 1000-epoch preset (the official imagenette example uses 2.0).
+CIFAR_BYOL = ['--arch', 'convnet', '--width', '16', '--batch-size', '128', '--epochs', '1',
+              '--lr', '4.0', '--tau', '0.99', '--warmup-epochs', '0.1', '--hidden-dim', '512',
+              '--projection-dim', '128', '--workers', '0', '--log-every', '30', '--seed', '0']
+
+
+@pytest.fixture(scope='session')
+def cifar_byol(tmp_path_factory):
+    """One short BYOL run on the CIFAR-10 folder, shared by the tests that need a trained
+    encoder -> (output folder, printed progress lines)."""
+    if not (CIFAR10 / 'train').is_dir():
+        pytest.skip(f'CIFAR-10 image folder not found at {CIFAR10}')
+    out = tmp_path_factory.mktemp('cifar_byol')
+    result = subprocess.run([sys.executable, str(HERE / 'byol.py'), '--data', str(CIFAR10),
+                             *CIFAR_BYOL, '--output-dir', str(out)],
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out, result.stdout
+
+
+def progress(stdout):
+    """(loss, z_std) of each progress line."""
+    return [(float(line.split('loss ')[1].split()[0]), float(line.split('z_std ')[1].split()[0]))
+            for line in stdout.splitlines() if line.startswith('step ')]
+
+
+@needs_cifar10
+def test_byol_learns_on_cifar10(cifar_byol, tmp_path, capsys):
+    out, stdout = cifar_byol
+    lines = progress(stdout)
+    first, last = lines[0][0], lines[-1][0]
+    assert last <= 0.7 * first, f'the loss fell from {first} to {last} only'
+    assert all(std * math.sqrt(128) >= 0.5 for _, std in lines), 'collapse'
+    probe = ['--data', CIFAR10, '--train-images', '10000', '--workers', '0',
+             '--output-dir', tmp_path]
+    trained = linear_eval.main(probe + ['--pretrained', out / 'checkpoint.pth'])
+    random = linear_eval.main(probe + ['--arch', 'convnet', '--width', '16', '--seed', '0'])
+    print(f'linear probe: random init {random["top1"]:.2f}%, BYOL {trained["top1"]:.2f}%')
+    assert trained['top1'] >= random['top1'] + 2.0, (trained, random)
+    assert trained['image_size'] == 32 and trained['train_images'] == 10000
+    assert trained['knn_top1'] > random['knn_top1']
+    records = [json.loads(line) for line in open(tmp_path / 'results.jsonl')]
+    assert [r['top1'] for r in records] == [trained['top1'], random['top1']]
+
+# ------------------------------------------------------------------------------------------------
+# Speed features compute what the plain path computes
+# ------------------------------------------------------------------------------------------------
+
+
+def test_device_crops_equal_loader_crops(image_folder):
+    images = byol.load_images(str(image_folder))
+    loader = byol.make_loader(byol.Crops(images, 16, seed=3), 8, 0, True, 3, torch.device('cpu'))
+    on_device = byol.DeviceCrops(byol.images_in_memory(images), 16, 8, 3, torch.device('cpu'))
+    loader.sampler.set_epoch(2)
+    on_device.sampler.set_epoch(2)
+    assert len(loader) == len(on_device) == 8
+    for (crops, u, _, _), (device_crops, device_u) in zip(loader, on_device):
+        assert torch.equal(u, device_u)  # the same images, the same random parameters
+        difference = (crops.int() - device_crops.int()).abs()
+        assert difference.max() <= 1 and (difference > 0).float().mean() < 1e-3  # uint8 rounding
+
+
+def test_foreach_lars_matches_a_per_parameter_loop():
+    torch.manual_seed(0)
+    shapes = [(4, 3, 3, 3), (4,), (10, 4), (10,)]
+    params = [nn.Parameter(torch.randn(s)) for s in shapes]
+    reference = [p.detach().clone() for p in params]
+    momenta = [torch.zeros_like(p) for p in params]
+    optimizer = byol.LARS([dict(params=params[::2], weight_decay=1e-2, lars=True),
+                           dict(params=params[1::2], weight_decay=0.0, lars=False)], lr=0.3)
+    for _ in range(4):
+        grads = [torch.randn(s) for s in shapes]
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        optimizer.step()
+        for i, (w, g) in enumerate(zip(reference, grads)):
+            u = g + 1e-2 * w if i % 2 == 0 else g
+            if i % 2 == 0:
+                u = u * (1e-3 * w.norm() / u.norm())
+            momenta[i] = 0.9 * momenta[i] + u
+            w -= 0.3 * momenta[i]
+    for p, w in zip(params, reference):
+        assert torch.allclose(p.data, w, atol=1e-6)
+
+
+def step_outputs(model, v1, v2, amp='none', memory_format=torch.contiguous_format):
+    model = copy.deepcopy(model).to(memory_format=memory_format)
+    v1, v2 = (v.contiguous(memory_format=memory_format) for v in (v1, v2))
+    with byol.autocast(torch.device('cpu'), amp):
+        loss = model(v1, v2)
+    loss.backward()
+    return loss.item(), torch.cat([p.grad.flatten() for p in model.online.parameters()])
+
+
+def test_bf16_autocast_and_channels_last_compute_the_same_step():
+    torch.manual_seed(0)
+    encoder, dim = byol.build_encoder('resnet18', small_images=True)
+    model = byol.BYOL(encoder, dim, hidden_dim=64, projection_dim=32)
+    crops = torch.randint(0, 256, (8, 2, 3, 16, 16), dtype=torch.uint8)
+    v1, v2 = byol.two_views(crops, augment.uniforms(0, 0, torch.arange(8)))
+    loss, grad = step_outputs(model, v1, v2)
+    loss_cl, grad_cl = step_outputs(model, v1, v2, memory_format=torch.channels_last)
+    assert loss_cl == pytest.approx(loss, rel=1e-5)
+    assert (grad_cl - grad).norm() / grad.norm() < 5e-3  # the same up to summation order
+    loss_bf16, grad_bf16 = step_outputs(model, v1, v2, amp='bf16')
+    assert loss_bf16 == pytest.approx(loss, rel=3e-2)
+    cosine = torch.nn.functional.cosine_similarity(grad_bf16, grad, dim=0)
+    assert cosine > 0.98, cosine

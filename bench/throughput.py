@@ -1,0 +1,260 @@
+"""bench/throughput.py: speed of byol.py's training step and data pipeline, each speed feature on
+and off, measured side by side in one run.
+
+    python bench/throughput.py --arch resnet18 --image-size 32 --batch-size 32        # CPU
+    python bench/throughput.py --arch resnet50 --image-size 224 --batch-size 8        # CPU
+    python bench/throughput.py --arch resnet50 --image-size 224 --batch-size 256 --device cuda
+    python bench/throughput.py --pipeline ../shared/data/cifar10 --image-size 32 --batch-size 128
+
+Step variants (images/s counts each source image once, i.e. batch / step time):
+  straightforward   per-image augmentation on the CPU, per-parameter Python loops for LARS and the
+                    EMA, fp32, default memory format: what a direct transcription of the paper does
+  byol.py           batched augmentation on the training device, multi-tensor (foreach) LARS and
+                    EMA, bf16 autocast and channels_last on GPUs (as byol.py runs)
+  byol.py - X       byol.py with one feature X switched back to the straightforward way
+  byol.py + compile torch.compile of the BYOL module (--compile; opt-in)
+Warm-up steps are excluded; each variant's time is the median over --repeats timings of --steps
+steps. On GPUs the model FLOPs utilisation (MFU) is the step's FLOPs (counted by
+torch.utils.flop_counter) per second over the GPU's measured dense bf16 matmul rate.
+The pipeline part times what feeds the step: the DataLoader path (decode + crop in workers) and
+the on-device path (crops of a dataset held in device memory), in images/s delivered.
+Prints a table and writes --json.
+"""
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import augment  # noqa: E402
+import byol  # noqa: E402
+
+# ------------------------------------------------------------------------------------------------
+# The straightforward ways, for comparison
+# ------------------------------------------------------------------------------------------------
+
+
+class LoopLARS(byol.LARS):
+    """byol.LARS's update written as a Python loop over parameters (the usual transcription)."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group['params']:
+                if p.grad is None:
+                    continue
+                u = p.grad
+                if group['lars']:
+                    u = u + group['weight_decay'] * p
+                    w_norm, u_norm = p.norm(), u.norm()
+                    if w_norm > 0 and u_norm > 0:  # (a host synchronisation per tensor on GPUs)
+                        u = u * (group['eta'] * w_norm / u_norm)
+                m = self.state[p].setdefault('momentum_buffer', torch.zeros_like(p))
+                m.mul_(group['momentum']).add_(u)
+                p.add_(m, alpha=-group['lr'])
+
+
+@torch.no_grad()
+def loop_ema(model, tau):
+    for o, t in zip(*model.online_target_pairs()):
+        t.mul_(tau).add_(o, alpha=1 - tau)
+
+
+def per_image_views(crops, u):
+    """byol.two_views one image at a time, on the CPU (as a torchvision-style per-image pipeline)."""
+    crops, u = crops.cpu(), u.cpu()
+    views = [byol.two_views(crops[i:i + 1], u[i:i + 1]) for i in range(len(crops))]
+    return torch.cat([v for v, _ in views]), torch.cat([v for _, v in views])
+
+# ------------------------------------------------------------------------------------------------
+# The step
+# ------------------------------------------------------------------------------------------------
+
+
+def make_step(args, device, batched_augment=True, foreach=True, amp=None, channels_last=None,
+              compile=False):
+    """A training step of byol.py (augmentation included, crops given) with the chosen ways."""
+    torch.manual_seed(0)
+    amp = amp if amp is not None else byol.default_amp() if device.type == 'cuda' else 'none'
+    channels_last = device.type == 'cuda' if channels_last is None else channels_last
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    encoder, dim = byol.build_encoder(args.arch, args.image_size <= 64, args.width)
+    model = byol.BYOL(encoder, dim, args.hidden_dim, args.projection_dim).to(
+        device, memory_format=memory_format)
+    optimizer = (byol.LARS if foreach else LoopLARS)(byol.lars_param_groups(model, 1.5e-6),
+                                                    lr=0.1)
+    forward = torch.compile(model) if compile else model
+    crops = torch.randint(0, 256, (args.batch_size, 2, 3, args.image_size, args.image_size),
+                          dtype=torch.uint8, device=device)
+    u = augment.uniforms(0, 0, torch.arange(args.batch_size, device=device))
+
+    def step():
+        v1, v2 = byol.two_views(crops, u) if batched_augment else per_image_views(crops, u)
+        v1, v2 = (v.to(device).contiguous(memory_format=memory_format) for v in (v1, v2))
+        with byol.autocast(device, amp):
+            loss = forward(v1, v2)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        (model.update_target if foreach else lambda tau: loop_ema(model, tau))(0.996)
+        return loss
+    return step, (v1_v2_flops(model, crops, u, device, amp, memory_format)
+                  if device.type == 'cuda' else None)
+
+
+def v1_v2_flops(model, crops, u, device, amp, memory_format):
+    """FLOPs of one forward + backward of the BYOL module (the step's arithmetic)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    v1, v2 = (v.contiguous(memory_format=memory_format) for v in byol.two_views(crops, u))
+    with FlopCounterMode(display=False) as counter:
+        with byol.autocast(device, amp):
+            loss = model(v1, v2)
+        loss.backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
+
+
+def sync(device):
+    if device.type == 'cuda':
+        torch.cuda.synchronize()
+
+
+def time_step(step, device, warmup, steps, repeats):
+    """Median seconds per step over `repeats` timings of `steps` steps, after `warmup` steps."""
+    for _ in range(warmup):
+        step()
+    sync(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        sync(device)
+        times.append((time.perf_counter() - start) / steps)
+    return statistics.median(times)
+
+
+def matmul_rate(device, n=8192, repeats=20):
+    """Measured dense bf16 matmul FLOP/s of the GPU."""
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    sync(device)
+    return 2 * n ** 3 * repeats / (time.perf_counter() - start)
+
+# ------------------------------------------------------------------------------------------------
+# The data pipeline alone
+# ------------------------------------------------------------------------------------------------
+
+
+def pipeline_rates(args, device):
+    """Images/s delivered by the DataLoader path and by the on-device path, over --pipeline."""
+    images = byol.load_images(args.pipeline)
+    batch, rates = args.batch_size, {}
+    loader = byol.make_loader(byol.Crops(images, args.image_size), batch, args.workers, True, 0,
+                              device, transform=None if device.type == 'cuda' else
+                              byol.views_in_loader)
+    loader.sampler.set_epoch(0)
+    rates[f'DataLoader, {args.workers} workers (decode, crop' +
+          ('' if device.type == 'cuda' else ', augment') + ')'] = delivered(loader, device,
+                                                                           args.pipeline_batches)
+    data = byol.images_in_memory(images)
+    if data is not None:
+        on_device = byol.DeviceCrops(data, args.image_size, batch, 0, device)
+        on_device.sampler.set_epoch(0)
+        rates['on the device (crop, augment)'] = delivered(
+            on_device, device, args.pipeline_batches, augment_views=True)
+    return rates
+
+
+def delivered(batches, device, n, augment_views=False):
+    iterator = iter(batches)
+    next(iterator)  # warm-up: workers start, first batch
+    count, start = 0, time.perf_counter()
+    for _ in range(n):
+        crops, u = next(iterator)[:2]
+        if augment_views:
+            byol.two_views(crops, u)
+        count += len(crops)
+    sync(device)
+    return count / (time.perf_counter() - start)
+
+# ------------------------------------------------------------------------------------------------
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    p.add_argument('--arch', default='resnet18')
+    p.add_argument('--width', type=int, default=None)
+    p.add_argument('--image-size', type=int, default=32)
+    p.add_argument('--batch-size', type=int, default=32, help='per device')
+    p.add_argument('--hidden-dim', type=int, default=4096)
+    p.add_argument('--projection-dim', type=int, default=256)
+    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    p.add_argument('--warmup', type=int, default=3)
+    p.add_argument('--steps', type=int, default=5)
+    p.add_argument('--repeats', type=int, default=3)
+    p.add_argument('--compile', action='store_true', help='also time torch.compile')
+    p.add_argument('--no-ablations', action='store_true', help='only the two ends')
+    p.add_argument('--pipeline', default=None, help='an image folder: also time the pipeline')
+    p.add_argument('--pipeline-batches', type=int, default=20)
+    p.add_argument('--workers', type=int, default=byol.default_workers())
+    p.add_argument('--json', default='bench/throughput.json')
+    args = p.parse_args()
+    device = torch.device(args.device)
+    cuda = device.type == 'cuda'
+
+    variants = {'straightforward': dict(batched_augment=False, foreach=False, amp='none',
+                                        channels_last=False),
+                'byol.py': {}}
+    if not args.no_ablations:
+        variants['byol.py - batched augmentation'] = dict(batched_augment=False)
+        variants['byol.py - foreach LARS/EMA'] = dict(foreach=False)
+        if cuda:
+            variants['byol.py - bf16'] = dict(amp='none')
+            variants['byol.py - channels_last'] = dict(channels_last=False)
+    if args.compile:
+        variants['byol.py + compile'] = dict(compile=True)
+
+    print(f'{args.arch} at {args.image_size} px, batch {args.batch_size}, {device} '
+          f'({torch.cuda.get_device_name(device) if cuda else os.cpu_count()} '
+          f'{"" if cuda else "CPU cores"}), torch {torch.__version__}', flush=True)
+    results = dict(arch=args.arch, image_size=args.image_size, batch_size=args.batch_size,
+                   device=str(device), torch=torch.__version__, steps={})
+    peak = matmul_rate(device) if cuda else None
+    for name, options in variants.items():
+        step, flops = make_step(args, device, **options)
+        seconds = time_step(step, device, args.warmup, args.steps, args.repeats)
+        row = dict(seconds_per_step=seconds, images_per_s=args.batch_size / seconds)
+        if flops and peak:
+            row.update(flops_per_step=flops, mfu=flops / seconds / peak)
+        results['steps'][name] = row
+        print(f'  {name:34s} {row["images_per_s"]:9.1f} img/s  {seconds * 1000:9.1f} ms/step'
+              + (f'  MFU {row["mfu"]:.1%}' if 'mfu' in row else ''), flush=True)
+        del step
+    base, ours = (results['steps'][k]['images_per_s'] for k in ('straightforward', 'byol.py'))
+    results['speedup'] = ours / base
+    print(f'  byol.py / straightforward: {ours / base:.2f}x')
+    if peak:
+        results['bf16_matmul_tflops'] = peak / 1e12
+        print(f'  measured bf16 matmul rate: {peak / 1e12:.0f} TFLOP/s')
+    if args.pipeline:
+        results['pipeline'] = pipeline_rates(args, device)
+        for name, rate in results['pipeline'].items():
+            print(f'  pipeline: {name:40s} {rate:9.1f} img/s')
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,361 @@
+"""semi_sup.py: BYOL's semi-supervised protocol, fine-tuning on 1% or 10% of the labels (paper
+section 4.1 "Semi-supervised training", Table 2; appendix C.1; SPEC.md section 5).
+
+The pretrained encoder and a new linear classifier are fine-tuned together (every parameter
+trains, BN in training mode) on a labelled subset of the training images: SGD with Nesterov
+momentum 0.9, batch 1024, no weight decay, cosine lr, random resized crop + flip as in linear
+evaluation. The lr x epochs grid {0.005, 0.01, 0.02, 0.05, 0.1} x {30, 50} is selected on a held-out
+part of the labelled subset; the chosen network is reported on the validation split (top-1,
+top-5). Without --pretrained the same protocol trains from random initialisation: the paper's
+"Supervised" baseline.
+
+Labelled subsets (--subset)
+    1percent, 10percent  the official ImageNet lists (12,811 and 128,116 file names, e.g.
+                         n04235860_14959.JPEG), the same as SimCLR's and the paper's. Get them from
+                         https://github.com/google-research/simclr/tree/master/imagenet_subsets
+                         into --subset-dir (default: imagenet_subsets/ beside this script).
+    FILE                 any such list: one file name (or <class>/<file>) per line.
+    FRACTION             e.g. 0.1: a seeded class-balanced subset of any dataset, written to
+                         <output-dir>/subset_<FRACTION>_seed<SEED>.txt (reusable as FILE).
+
+Commands
+    python semi_sup.py --data /work/shared/data/cifar10 --pretrained runs/byol/checkpoint.pth \
+        --subset 0.1 --lr 0.02 0.05 --epochs 10 --workers 1                    # CPU, small grid
+    python semi_sup.py --data /imagenet --pretrained runs/r50/encoder.pth --subset 1percent
+    torchrun --nproc_per_node=8 semi_sup.py --data /imagenet --pretrained runs/r50/encoder.pth \
+        --subset 10percent                                                     # paper protocol
+  Omit --pretrained (give --arch) for the supervised baseline. Results are appended to
+  <output-dir>/results.jsonl.
+
+Measured (CIFAR-10 JPEG folder, 10% of the labels, convnet width 16, 2 CPU cores; the BYOL
+encoder is test_byol.py's one-epoch CPU run): see the numbers in the closing note of issue 5.
+"""
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel
+
+import augment
+import byol
+import linear_eval
+from byol import UserError, log
+
+LR_GRID = (0.005, 0.01, 0.02, 0.05, 0.1)  # paper appendix C.1
+EPOCHS_GRID = (30, 50)                     # paper appendix C.1
+PAPER_BATCH = 1024                         # paper appendix C.1
+MIN_STEPS_PER_EPOCH = 10                   # below this, the default batch is halved...
+MIN_BATCH = 32                             # ...down to this (smaller batches make BN noisy)
+NAMED_SUBSETS = ('1percent', '10percent')
+
+
+def get_parser():
+    p = byol.ArgumentParser(prog='semi_sup.py', description='Fine-tuning on a labelled subset '
+                            '(BYOL paper, section 4.1 and appendix C.1).')
+    a = p.add_argument
+    a('--data', required=True, help='as byol.py: an image folder with train/ and val/, or one of '
+      + ', '.join(byol.NAMED_DATASETS))
+    a('--data-root', default='data', help='where named datasets live (default: ./data)')
+    a('--download', action='store_true', help='download a named dataset if it is missing')
+    a('--subset', required=True, help='the labelled images: 1percent or 10percent (the official '
+      'ImageNet lists), a FILE of file names, or a FRACTION in (0, 1] (class-balanced, seeded)')
+    a('--subset-dir', default=str(Path(__file__).resolve().parent / 'imagenet_subsets'),
+      help='where 1percent.txt and 10percent.txt are (default: imagenet_subsets/ beside this '
+      'script)')
+    a('--pretrained', default=None, help='byol.py checkpoint.pth or exported encoder.pth; '
+      'omitted: train from random initialisation (the paper\'s supervised baseline)')
+    a('--arch', default=None, choices=byol.ARCHS, help='encoder when --pretrained is omitted '
+      '(default resnet50); with --pretrained it is read from the checkpoint')
+    a('--width', type=int, default=None, help='as byol.py, when --pretrained is omitted')
+    a('--small-images', action='store_true', default=None, help='as byol.py, when --pretrained '
+      'is omitted (default: on for images <= 64 px)')
+    a('--image-size', type=int, default=None, help='crop size (default: 224, or the images\' '
+      'shorter side if smaller)')
+    a('--batch-size', type=int, default=None, help=f'global batch (paper: {PAPER_BATCH}; by '
+      f'default halved, with a warning, until an epoch has {MIN_STEPS_PER_EPOCH} steps)')
+    a('--lr', type=float, nargs='+', default=LR_GRID, help='lr grid (paper: '
+      + ' '.join(map(str, LR_GRID)) + ')')
+    a('--epochs', type=int, nargs='+', default=EPOCHS_GRID, help='epochs grid (paper: '
+      + ' '.join(map(str, EPOCHS_GRID)) + ')')
+    a('--holdout', type=int, default=None, help='labelled images held out to choose lr and '
+      'epochs (default: 10%% of the labelled subset)')
+    a('--val-images', type=int, default=0, help='report on this many validation images (a '
+      'seeded random subset, for quick runs; 0: all)')
+    a('--workers', type=int, default=None, help='data-loader processes per process')
+    a('--amp', choices=('bf16', 'none'), default=None, help='autocast precision (default: bf16 '
+      'on GPUs that support it); no fp16, which would need a loss scaler')
+    a('--seed', type=int, default=0, help='seeds the subset, the held-out split, the order, the '
+      'augmentations and the new classifier')
+    a('--output-dir', default='runs/semi_sup', help='results.jsonl is appended here')
+    return p
+
+# ------------------------------------------------------------------------------------------------
+# Labelled subsets: the official ImageNet lists, other lists, seeded class-balanced fractions
+# ------------------------------------------------------------------------------------------------
+
+
+def image_keys(images):
+    """Per training image, the name a subset file gives it: '<class>/<file>' for a folder (a line
+    may also give the bare file name, as the ImageNet lists do), the index for a named dataset."""
+    if not hasattr(images, 'samples'):
+        return [str(i) for i in range(len(images))]
+    return [f'{Path(path).parent.name}/{Path(path).name}' for path, _ in images.samples]
+
+
+def read_subset_file(path, images):
+    """The sorted indices of the images a subset file lists, one name per line (blank lines and
+    '#' comments ignored). Every listed name must match exactly one training image."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f'cannot read subset file {path} ({e})') from None
+    names = [line.strip() for line in lines if line.strip() and not line.startswith('#')]
+    if not names:
+        raise UserError(f'subset file {path} lists no images')
+    keys = image_keys(images)
+    by_key = {key: i for i, key in enumerate(keys)}
+    by_file = {}  # bare file name -> every image of that name (CIFAR folders repeat names)
+    for i, key in enumerate(keys):
+        by_file.setdefault(key.rsplit('/', 1)[-1], []).append(i)
+    indices, missing = [], []
+    for name in names:
+        found = [by_key[name]] if name in by_key else by_file.get(name, [])
+        if len(found) > 1:
+            raise UserError(f'{path}: {name} names {len(found)} images (in '
+                            f'{", ".join(keys[i].split("/")[0] for i in found[:3])}, ...); '
+                            'write it as <class>/<file>')
+        if found:
+            indices.append(found[0])
+        else:
+            missing.append(name)
+    if missing:
+        raise UserError(f'{path} lists {missing[0]}, which is not among the training images of '
+                        f'the --data folder' + (f' ({len(missing) - 1} more listed files are '
+                                                'missing too)' if len(missing) > 1 else ''))
+    seen = set()
+    for i in indices:  # (a name may repeat, or one image appear as file and as <class>/<file>)
+        if i in seen:
+            raise UserError(f'{path} lists {keys[i]} more than once')
+        seen.add(i)
+    return sorted(indices)
+
+
+def balanced_subset(labels, n_classes, fraction, seed):
+    """round(fraction x N) images, the same number from every class (the first classes take one
+    more when it does not divide; a class smaller than its share gives all it has), each class's
+    drawn by a seeded permutation. A function of (labels, fraction, seed) only, so every process
+    of a torchrun job, and every rerun, draws the same images."""
+    total = round(fraction * len(labels))
+    per_class, extra = divmod(total, n_classes)
+    members = [[] for _ in range(n_classes)]
+    for i, label in enumerate(labels):
+        members[label].append(i)
+    generator = torch.Generator().manual_seed(seed)
+    chosen = []
+    for c, images in enumerate(members):
+        order = torch.randperm(len(images), generator=generator).tolist()
+        chosen += [images[j] for j in order[:per_class + (c < extra)]]
+    return sorted(chosen)
+
+
+def labelled_subset(args, images):
+    """--subset -> (sorted indices of the labelled training images, the list file they are in)."""
+    if args.subset in NAMED_SUBSETS:
+        path = Path(args.subset_dir) / f'{args.subset}.txt'
+        if not path.is_file():
+            raise UserError(f'{path} not found: get {args.subset}.txt from https://github.com/'
+                            'google-research/simclr/tree/master/imagenet_subsets into '
+                            '--subset-dir')
+        return read_subset_file(path, images), path
+    try:
+        fraction = float(args.subset)
+    except ValueError:
+        if not Path(args.subset).is_file():
+            raise UserError(f'--subset {args.subset}: not {" or ".join(NAMED_SUBSETS)}, a '
+                            'fraction in (0, 1] or an existing file') from None
+        return read_subset_file(args.subset, images), Path(args.subset)
+    if not 0 < fraction <= 1:
+        raise UserError(f'--subset {args.subset}: a fraction must be in (0, 1]')
+    indices = balanced_subset(images.labels, len(images.classes), fraction, args.seed)
+    if not indices:
+        raise UserError(f'--subset {args.subset} of {len(images)} images selects none')
+    # Saved so that the run can be repeated, or compared with, on exactly these images.
+    path = Path(args.output_dir) / f'subset_{args.subset}_seed{args.seed}.txt'
+    if byol.is_main():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        keys = image_keys(images)
+        path.write_text(''.join(keys[i] + '\n' for i in indices))
+    return indices, path
+
+# ------------------------------------------------------------------------------------------------
+# The network: encoder f and a new linear classifier, all of it trained
+# ------------------------------------------------------------------------------------------------
+
+
+class Classifier(nn.Module):
+    """Images (B, 3, S, S) -> logits (B, C): the encoder f, then a new linear layer."""
+
+    def __init__(self, encoder, feature_dim, n_classes):
+        super().__init__()
+        self.encoder = encoder
+        self.head = nn.Linear(feature_dim, n_classes)
+
+    def forward(self, x):
+        return self.head(self.encoder(x))
+
+
+def default_batch_size(n_train, world):
+    """The paper's 1024, halved until an epoch has MIN_STEPS_PER_EPOCH steps or the batch is
+    MIN_BATCH (ImageNet's 1% keeps 1024: 11,530 images after the held-out part), a multiple of
+    the process count."""
+    batch = PAPER_BATCH
+    while batch > max(world, MIN_BATCH) and n_train // batch < MIN_STEPS_PER_EPOCH:
+        batch //= 2
+    return max(world, batch - batch % world)
+
+# ------------------------------------------------------------------------------------------------
+# The protocol
+# ------------------------------------------------------------------------------------------------
+
+
+def main(argv=None):
+    try:
+        results = run(get_parser().parse_args(argv))
+    except UserError as e:
+        print(f'semi_sup.py: error: {e}', file=sys.stderr)
+        sys.exit(2)
+    finally:
+        if byol.dist.is_initialized():
+            byol.dist.destroy_process_group()
+    return results
+
+
+def run(args):
+    rank, world, device = byol.setup_distributed()
+    start = time.time()
+    log('config: ' + json.dumps(vars(args), sort_keys=True))
+    train_images = byol.load_images(args.data, args.data_root, args.download, 'train')
+    val_images = byol.load_images(args.data, args.data_root, args.download, 'val')
+    size = args.image_size or byol.default_image_size(train_images)
+    amp = args.amp or byol.default_amp()
+    workers = byol.default_workers() if args.workers is None else args.workers
+    if device.type == 'cuda':
+        torch.backends.cudnn.benchmark = True
+
+    # Data: the labelled subset, its held-out part, the validation images.
+    labelled, subset_file = labelled_subset(args, train_images)
+    holdout = len(labelled) // 10 if args.holdout is None else args.holdout
+    grid = [(lr, epochs) for epochs in args.epochs for lr in args.lr]
+    if not 0 < holdout < len(labelled):
+        raise UserError(f'--holdout {holdout}: hold out 1 to {len(labelled) - 1} of the '
+                        f'{len(labelled)} labelled images')
+    # DEVIATION (unstated in the paper): the chosen setting is reported as trained, on the
+    # labelled images less the held-out part; it is not retrained on all of them.
+    train_pos, holdout_pos = linear_eval.split_indices(len(labelled), holdout, 0, args.seed)
+    train_set = byol.Subset(train_images, [labelled[i] for i in train_pos])
+    holdout_set = byol.Subset(train_images, [labelled[i] for i in holdout_pos])
+    if args.val_images and args.val_images < len(val_images):
+        keep = torch.randperm(len(val_images), generator=torch.Generator().manual_seed(
+            args.seed))[:args.val_images].sort().values.tolist()
+        val_images = byol.Subset(val_images, keep)
+    batch = args.batch_size or default_batch_size(len(train_set), world)
+    if batch % world:
+        raise UserError(f'--batch-size {batch} does not divide over {world} processes')
+    if len(train_set) < batch:
+        raise UserError(f'{len(train_set)} labelled training images are fewer than one batch of '
+                        f'{batch}; lower --batch-size')
+    if args.batch_size is None and batch < PAPER_BATCH:
+        # DEVIATION: a smaller batch for small labelled sets, with the paper's lr grid unscaled
+        # (the grid spans 20x and is selected on held-out images anyway).
+        log(f'WARNING: batch {PAPER_BATCH} would give {len(train_set) // PAPER_BATCH} steps per '
+            f'epoch on {len(train_set)} images; using batch {batch} (set --batch-size to choose)')
+
+    # Network: pretrained (or random) encoder + new linear head; every run of the grid starts
+    # from this same state.
+    torch.manual_seed(args.seed)
+    encoder, feature_dim = linear_eval.frozen_encoder(args, train_images, device)
+    encoder.requires_grad_(True)  # fine-tuning: the whole network trains
+    if not args.pretrained:
+        log('no --pretrained: the supervised baseline, trained from random initialisation')
+    net = Classifier(encoder, feature_dim, len(train_images.classes)).to(device)
+    initial = copy.deepcopy(net.state_dict())
+    # BN in training mode, per-process statistics (unsynced, as the official code).
+    model = DistributedDataParallel(net, device_ids=[device] if device.type == 'cuda' else
+                                    None) if world > 1 else net
+    log(f'{len(labelled)} labelled images from {subset_file} ({len(train_set)} to train, '
+        f'{len(holdout_set)} held out), {len(val_images)} validation images; '
+        f'{len(train_images.classes)} classes; batch {batch}, {world} process(es); grid of '
+        f'{len(grid)}: lr {list(args.lr)} x epochs {list(args.epochs)}')
+
+    # Augmentation as linear evaluation: random resized crop + flip; centre crops to evaluate.
+    loader = byol.make_loader(byol.Crops(train_set, size, n_views=1, random=True,
+                                         seed=args.seed),
+                              batch // world, workers, True, args.seed, device)
+
+    def batches(epoch):
+        loader.sampler.set_epoch(epoch)
+        for crops, u, labels, _ in loader:
+            x = augment.eval_batch(crops[:, 0].to(device, non_blocking=True), u[:, 0].to(device))
+            yield x, labels.to(device)
+
+    def eval_loader(images):  # centre crops
+        return byol.make_loader(byol.Crops(images, size, n_views=1, random=False),
+                                batch // world, workers, False, args.seed, device)
+    holdout_loader = eval_loader(holdout_set)
+
+    # The grid: each setting fine-tunes from the same start; the best on the held-out images
+    # so far is kept.
+    held_out_logits, best_state, done = [], None, 0
+    for i, (lr, epochs) in enumerate(grid):
+        net.load_state_dict(initial)
+        net.train()
+        optimizer = linear_eval.nesterov_sgd([dict(params=net.parameters(), base_lr=lr)])
+        # fit trains H classifiers side by side, (H, B, C) logits: here H = 1.
+        linear_eval.fit(lambda x: model(x)[None], optimizer, batches, epochs, len(loader),
+                        device, amp, name=f'lr {lr} x {epochs} ep')
+        # (N, C) logits, BN in eval mode (running statistics), gathered over processes
+        z, held_out_labels = byol.extract_features(net, holdout_loader, device, amp)
+        held_out_logits.append(z)
+        best, holdout_top1 = linear_eval.select(torch.stack(held_out_logits), held_out_labels,
+                                                grid[:i + 1])
+        if best == i:
+            best_state = {k: v.detach().to('cpu', copy=True) for k, v in net.state_dict().items()}
+        done += epochs
+        eta = (time.time() - start) / done * sum(e for _, e in grid[i + 1:])
+        log(f'setting {i + 1}/{len(grid)}: lr {lr} x {epochs} epochs: held-out top-1 '
+            f'{holdout_top1[i]:.2f}% (best so far: lr {grid[best][0]} x {grid[best][1]}) | '
+            f'grid eta {byol.format_time(eta)}')
+
+    # The chosen network on the validation images.
+    net.load_state_dict(best_state)
+    val_logits, val_labels = byol.extract_features(net, eval_loader(val_images), device, amp)
+    top1, top5 = byol.topk_accuracy(val_logits, val_labels)
+    # How far fine-tuning moved the encoder: ||theta - theta_0|| / ||theta_0|| (0: it was frozen).
+    moved = [(p.detach(), initial[f'encoder.{name}']) for name, p in net.encoder.named_parameters()]
+    encoder_change = (sum((p - p0).square().sum() for p, p0 in moved) /
+                      sum(p0.square().sum() for _, p0 in moved)).sqrt().item()
+    lr, epochs = grid[best]
+    results = dict(data=args.data, pretrained=args.pretrained, subset=args.subset,
+                   subset_file=str(subset_file), labelled_images=len(labelled),
+                   train_images=len(train_set), holdout_images=len(holdout_set),
+                   val_images=len(val_images), batch_size=batch, image_size=size, lr=lr,
+                   epochs=epochs, top1=top1, top5=top5, encoder_change=encoder_change,
+                   holdout_top1={f'{lr_}x{ep}': acc for (lr_, ep), acc in
+                                 zip(grid, holdout_top1)},
+                   time_s=round(time.time() - start, 1))
+    log(f'lr {lr} x {epochs} epochs (held-out top-1 {holdout_top1[best]:.2f}%): val top-1 '
+        f'{top1:.2f}%, top-5 {top5:.2f}%; the encoder moved by {100 * encoder_change:.1f}%')
+    if byol.is_main():
+        out = Path(args.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        with open(out / 'results.jsonl', 'a') as f:
+            f.write(json.dumps(results) + '\n')
+    return results
+
+
+if __name__ == '__main__':
+    main()
