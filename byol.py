@@ -49,6 +49,7 @@ PRESETS = {40: (0.45, 1e-6, 0.97), 100: (0.45, 1e-6, 0.99), 300: (0.3, 1e-6, 0.9
 # Named torchvision datasets for small experiments.
 NAMED_DATASETS = ('cifar10', 'cifar100', 'stl10', 'fashionmnist')
 ARCHS = ('resnet18', 'resnet34', 'resnet50', 'resnet101', 'resnet152', 'resnet200', 'convnet')
+MAX_IN_MEMORY = 200_000  # images held on the device: CIFAR, STL-10 (105k at 96 px: 2.9 GB)
 SYNC_EVERY = 5  # steps between the loop's host synchronisations (loss check, preemption flag)
 # Settings that define a run: a resumed run must use the same ones.
 RUN_SETTINGS = ('arch', 'width', 'small_images', 'image_size', 'hidden_dim', 'projection_dim',
@@ -92,6 +93,8 @@ def get_parser():
     a('--data-on-device', action=argparse.BooleanOptionalAction, default=None,
       help='hold the whole dataset on the training device and crop there (default: on for named '
       f'datasets and folders of at most {MAX_IN_MEMORY} images of one size)')
+    a('--decode-on-device', action='store_true', help='decode JPEGs on the GPU (nvJPEG, '
+      'batched) and crop there; the loader only reads files (image folders only)')
     a('--workers', type=int, default=None, help='data-loader processes per GPU/process '
       '(default: the CPU cores per process less one, at most 10)')
     a('--seed', type=int, default=0, help='seeds the initialisation, the data order and every '
@@ -600,6 +603,45 @@ def two_views(crops, u):
             augment.augment_batch(crops[:, 1], u[:, 1], augment.T_PRIME))
 
 
+class EncodedCrops(Crops):
+    """Crops for --decode-on-device: the loader only reads the files; decoding (nvJPEG, batched)
+    and cropping happen on the device -> (file bytes [b], uniforms (b, V, N_SLOTS), labels,
+    indices). The uniforms, hence the crops, are those of Crops."""
+
+    def __getitems__(self, keys):
+        epochs, indices = (torch.tensor(k) for k in zip(*keys))
+        u = augment.uniforms(self.seed, epochs, indices, self.n_views)
+        files = [torchvision.io.read_file(self.images.name(i)) for i in indices.tolist()]
+        labels = torch.tensor([self.images.labels[i] for i in indices.tolist()])
+        return files, u, labels, indices
+
+
+def decode_crops(files, u, size, device, names=None):
+    """JPEG bytes -> random resized crop pairs (b, 2, 3, S, S) uint8 on the device. Files the
+    batched decoder refuses (PNG, CMYK, corrupt) are decoded one by one on the CPU; one that
+    cannot be read at all is replaced by its batch neighbour, with a warning."""
+    mode = torchvision.io.ImageReadMode.RGB
+    try:
+        images = torchvision.io.decode_jpeg(files, mode=mode, device=device)
+    except RuntimeError:
+        images = []
+        for i, data in enumerate(files):
+            try:
+                images.append(torchvision.io.decode_image(data, mode=mode).to(device))
+            except RuntimeError as e:
+                print(f'warning: skipping unreadable image {names[i] if names else i}: '
+                      f'{str(e).strip()[:200]}', file=sys.stderr, flush=True)
+                images.append(None)
+        images = [image if image is not None else next(x for x in images if x is not None)
+                  for image in images]
+    heights, widths = torch.tensor([image.shape[-2:] for image in images]).T
+    boxes = torch.stack([augment.crop_boxes(u[:, v].cpu(), heights, widths) for v in range(2)],
+                        dim=1)  # (b, 2, 4)
+    return torch.stack([torch.stack([augment.resized_crop(image, box.tolist(), size)
+                                     for box in image_boxes])
+                        for image, image_boxes in zip(images, boxes)])
+
+
 def views_in_loader(batch):
     """Loader-side augmentation (CPU runs: it then overlaps with the training step)."""
     return (*two_views(batch[0], batch[1]), *batch[2:])
@@ -630,9 +672,6 @@ class EpochSampler(torch.utils.data.DistributedSampler):
 
     def __len__(self):
         return self.num_samples - self.skip
-
-
-MAX_IN_MEMORY = 200_000  # images: CIFAR, STL-10 (105k at 96 px: 2.9 GB), Fashion-MNIST
 
 
 def images_in_memory(images):
@@ -879,14 +918,17 @@ def train(args):
     data = images_in_memory(images) if args.data_on_device is not False else None
     if args.data_on_device and data is None:
         raise UserError(f'--data-on-device needs at most {MAX_IN_MEMORY} images of one size')
-    augment_on_device = data is not None or device.type == 'cuda'
+    if args.decode_on_device and (data is not None or not isinstance(images, FolderImages)):
+        raise UserError('--decode-on-device is for image folders read from disk; '
+                        'add --no-data-on-device, or drop --decode-on-device')
+    augment_on_device = data is not None or args.decode_on_device or device.type == 'cuda'
     if data is not None:
         loader = DeviceCrops(data, args.image_size, args.batch_size // world, args.seed, device)
     else:
-        loader = make_loader(Crops(images, args.image_size, n_views=2, random=True,
-                                   seed=args.seed), args.batch_size // world, args.workers, True,
-                             args.seed, device,
-                             transform=None if augment_on_device else views_in_loader)
+        crops = (EncodedCrops if args.decode_on_device else Crops)(
+            images, args.image_size, n_views=2, random=True, seed=args.seed)
+        loader = make_loader(crops, args.batch_size // world, args.workers, True, args.seed,
+                             device, transform=None if augment_on_device else views_in_loader)
     steps_per_epoch = len(images) // args.batch_size
     if steps_per_epoch == 0:
         raise UserError(f'{len(images)} images are fewer than one batch of {args.batch_size}; '
@@ -940,6 +982,10 @@ def train(args):
             loader.sampler.set_epoch(epoch, skip=(step % steps_per_epoch) * loader.batch_size)
             epoch_loss, epoch_steps = torch.zeros((), device=device), 0
             for batch in loader:
+                if args.decode_on_device:
+                    names = [images.name(i) for i in batch[3].tolist()]
+                    batch = (decode_crops(batch[0], batch[1], args.image_size, device, names),
+                             batch[1])
                 v1, v2 = (t.to(device, non_blocking=True) for t in batch[:2])
                 if augment_on_device:
                     v1, v2 = two_views(v1, v2)  # (crops, uniforms) -> views (b, 3, S, S) x 2
@@ -990,24 +1036,26 @@ def train(args):
                     stopped = True
                     break
 
-            if stopped:
+            if step % steps_per_epoch == 0:  # the epoch is complete
+                if world > 1:
+                    dist.all_reduce(epoch_loss)
+                    epoch_loss /= world
+                record = dict(epoch=epoch, step=step, loss=epoch_loss.item() / epoch_steps,
+                              lr=lr, tau=tau, z_std=std, time=time.time() - start_time)
+                if eval_loaders and (epoch + 1) % args.eval_every == 0:
+                    record['knn_top1'] = knn_evaluation(byol.online.encoder, eval_loaders,
+                                                        device, args.amp)
+                    log(f'epoch {epoch}: kNN top-1 {record["knn_top1"]:.2f}%')
                 save_checkpoint(out / 'checkpoint.pth', byol, optimizer, scaler, step, config)
+                if is_main():
+                    with open(out / 'log.jsonl', 'a') as f:
+                        f.write(json.dumps(record) + '\n')
+            elif stopped:
+                save_checkpoint(out / 'checkpoint.pth', byol, optimizer, scaler, step, config)
+            if stopped:
                 log(f'stopped by {"a signal" if stop else "--stop-at-step"} at step {step}; '
                     f'checkpoint saved in {out}; run the same command again to resume')
                 return
-            if world > 1:
-                dist.all_reduce(epoch_loss)
-                epoch_loss /= world
-            record = dict(epoch=epoch, step=step, loss=epoch_loss.item() / epoch_steps, lr=lr,
-                          tau=tau, z_std=std, time=time.time() - start_time)
-            if eval_loaders and (epoch + 1) % args.eval_every == 0:
-                record['knn_top1'] = knn_evaluation(byol.online.encoder, eval_loaders, device,
-                                                    args.amp)
-                log(f'epoch {epoch}: kNN top-1 {record["knn_top1"]:.2f}%')
-            save_checkpoint(out / 'checkpoint.pth', byol, optimizer, scaler, step, config)
-            if is_main():
-                with open(out / 'log.jsonl', 'a') as f:
-                    f.write(json.dumps(record) + '\n')
     if is_main():
         save_atomic(byol.online.encoder.state_dict(), out / 'encoder.pth')
         log(f'done: {out / "checkpoint.pth"}; encoder exported to {out / "encoder.pth"}')

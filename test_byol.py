@@ -613,13 +613,15 @@ def test_bad_data_gives_one_line_errors(tmp_path, capsys):
     assert not (tmp_path / 'out').exists()
 
 
-def test_a_corrupt_image_mid_run_is_skipped_with_a_warning(image_folder, tmp_path, capsys):
+@pytest.mark.parametrize('where', [['--data-on-device'], ['--no-data-on-device'],
+                                   ['--no-data-on-device', '--decode-on-device']])
+def test_a_corrupt_image_mid_run_is_skipped_with_a_warning(where, image_folder, tmp_path, capsys):
     data = tmp_path / 'data'
     import shutil
     shutil.copytree(image_folder / 'train', data)
     (data / 'class3' / 'zzz_broken.jpg').write_bytes(b'\xff\xd8 truncated')
-    code, out, err = run_main(byol, ['--data', data, *TINY, '--epochs', '1', '--output-dir',
-                                     tmp_path / 'out'], capsys)
+    code, out, err = run_main(byol, ['--data', data, *TINY, *where, '--epochs', '1',
+                                     '--output-dir', tmp_path / 'out'], capsys)
     assert code == 0 and 'done' in out
     assert 'warning: skipping unreadable image' in err and 'zzz_broken.jpg' in err
 
@@ -767,3 +769,12 @@ def test_bf16_autocast_and_channels_last_compute_the_same_step():
     assert loss_bf16 == pytest.approx(loss, rel=3e-2)
     cosine = torch.nn.functional.cosine_similarity(grad_bf16, grad, dim=0)
     assert cosine > 0.8, cosine  # bf16's 8-bit mantissa: measured 0.90 here, not noise (~0)
+
+
+def test_decode_on_device_gives_the_loader_crops(image_folder):
+    images = byol.load_images(str(image_folder / 'train'))
+    keys = [(1, i) for i in range(10)]
+    crops, u, labels, _ = byol.Crops(images, 16, seed=2).__getitems__(keys)
+    files, u_files, labels_files, _ = byol.EncodedCrops(images, 16, seed=2).__getitems__(keys)
+    assert torch.equal(u, u_files) and torch.equal(labels, labels_files)
+    assert torch.equal(byol.decode_crops(files, u_files, 16, torch.device('cpu')), crops)

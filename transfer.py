@@ -529,26 +529,35 @@ def logistic_regression(x, y, l2, n_classes, init=None, max_iter=1000):
     enters the objective; we take scikit-learn's convention, the usual L-BFGS logistic
     regression, for which a range of [1e-6, 1e5] spans weak to total regularisation. The problem is convex: `init` (a warm start) changes the time to the optimum, not the optimum.
     """
-    # Preconditioning: W = s V with s = 1 / sqrt(1 + l2 / N). The penalty's curvature l2 / N
-    # dwarfs the data's at the strong end of the grid, where L-BFGS would otherwise stall before
-    # the (unpenalised) bias converges; in V both are of order one. The optimum is the same.
-    scale = torch.ones(x.shape[1] + 1, 1, dtype=x.dtype, device=x.device)
-    scale[:-1] = 1 / math.sqrt(1 + l2 / len(x))
-    v = init / scale if init is not None else x.new_zeros(x.shape[1] + 1, n_classes)
+    # Preconditioning, an exact change of variables (the optimum is the same): centred features
+    # (the unpenalised bias absorbs the mean) and W = s V with s_j = 1 / sqrt(var_j + l2 / N),
+    # which gives every coordinate a curvature of order one. Raw features of very different
+    # scales, or a penalty that dwarfs the data term at the strong end of the grid, otherwise
+    # leave L-BFGS far from the optimum when its gradient test already passes.
+    n = len(x)
+    mean = x.mean(dim=0)
+    scale = 1 / (x.var(dim=0, unbiased=False) + l2 / n + 1e-12).sqrt()[:, None]  # (D, 1)
+    xc = x - mean
+    if init is None:
+        v = x.new_zeros(x.shape[1] + 1, n_classes)
+    else:  # W = s V;  b' = b + mean W (the bias of the centred features)
+        v = torch.cat([init[:-1] / scale, init[-1:] + mean @ init[:-1]])
     v.requires_grad_(True)
-    # Gradient tolerance as scikit-learn's (1e-4); strong-Wolfe line search.
+    # Gradient tolerance as scikit-learn's (1e-4), here on the preconditioned variables.
     optimizer = torch.optim.LBFGS([v], lr=1, max_iter=max_iter, tolerance_grad=1e-4,
                                   tolerance_change=1e-9, history_size=10,
                                   line_search_fn='strong_wolfe')
 
     def objective():
         optimizer.zero_grad()
-        w = scale * v
-        loss = F.cross_entropy(logits(x, w), y) + l2 / (2 * len(x)) * w[:-1].square().sum()
+        w = scale * v[:-1]
+        loss = F.cross_entropy(xc @ w + v[-1], y) + l2 / (2 * n) * w.square().sum()
         loss.backward()
         return loss
     optimizer.step(objective)
-    return (scale * v).detach()
+    with torch.no_grad():
+        w = scale * v[:-1]
+        return torch.cat([w, v[-1:] - mean @ w])
 
 
 def regularisation_path(train, val, grid, metric, n_classes, max_iter=1000):
