@@ -1081,15 +1081,21 @@ def knn_evaluation(encoder, loaders, device, amp):
     return topk_accuracy(knn_predict(train_x, train_y, test_x, n_classes), test_y, ks=(1,))[0]
 
 
-def main(argv=None):
+def run_cli(prog, run, parser, argv=None):
+    """run(parser's arguments), with a UserError printed as one line ('prog: error: ...') and
+    exit status 2; shared by every script of the project."""
     try:
-        train(get_parser().parse_args(argv))
+        return run(parser.parse_args(argv))
     except UserError as e:
-        print(f'byol.py: error: {e}', file=sys.stderr)
+        print(f'{prog}: error: {e}', file=sys.stderr)
         sys.exit(2)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def main(argv=None):
+    run_cli('byol.py', train, get_parser(), argv)
 
 
 if __name__ == '__main__':

@@ -22,7 +22,6 @@ Measured: see README.md (CIFAR-10 folder, convnet, CPU: random init vs BYOL).
 import argparse
 import json
 import math
-import sys
 import time
 from pathlib import Path
 
@@ -185,15 +184,7 @@ def frozen_encoder(args, images, device):
 
 
 def main(argv=None):
-    try:
-        results = run(get_parser().parse_args(argv))
-    except UserError as e:
-        print(f'linear_eval.py: error: {e}', file=sys.stderr)
-        sys.exit(2)
-    finally:
-        if byol.dist.is_initialized():
-            byol.dist.destroy_process_group()
-    return results
+    return byol.run_cli('linear_eval.py', run, get_parser(), argv)
 
 
 def run(args):

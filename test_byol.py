@@ -658,6 +658,76 @@ def test_errors_print_no_traceback_from_the_command_line(tmp_path):
     assert_one_line_error(result.returncode, result.stderr, 'no such folder')
 
 # ------------------------------------------------------------------------------------------------
+# Evaluation: top-k, kNN, linear evaluation (linear_eval.py)
+# ------------------------------------------------------------------------------------------------
+
+
+def test_topk_accuracy_hand_computed():
+    scores = torch.tensor([[0.1, 0.5, 0.4], [0.7, 0.2, 0.1], [0.2, 0.3, 0.5]])
+    labels = torch.tensor([2, 0, 0])
+    # top-1: only row 1 is right; top-2: rows 0 and 1
+    top1, top2 = byol.topk_accuracy(scores, labels, ks=(1, 2))
+    assert top1 == pytest.approx(100 / 3) and top2 == pytest.approx(200 / 3)
+
+
+def test_knn_votes_are_temperature_weighted_cosine_similarities():
+    train = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [-1.0, 0.0]])
+    labels = torch.tensor([0, 1, 1, 2])
+    query = torch.tensor([[2.0, 0.5]])
+    cos = [2 / math.sqrt(4.25), 0.5 / math.sqrt(4.25), 2.5 / math.sqrt(4.25 * 2)]
+    scores = byol.knn_predict(train, labels, query, 3, k=2, temperature=0.07)
+    expected = torch.tensor([[math.exp(cos[0] / 0.07), math.exp(cos[2] / 0.07), 0.0]])
+    assert torch.allclose(scores, expected, rtol=1e-4)
+    # with k = 3 and temperature 1, two weaker votes for class 1 outweigh one for class 0
+    scores = byol.knn_predict(train, labels, query, 3, k=3, temperature=1.0)
+    assert torch.allclose(scores, torch.tensor([[math.exp(cos[0]),
+                                                 math.exp(cos[1]) + math.exp(cos[2]), 0.0]]),
+                          rtol=1e-5)
+    assert scores.argmax().item() == 1
+
+
+@pytest.fixture(scope='session')
+def tiny_checkpoint(image_folder, tmp_path_factory):
+    out = tmp_path_factory.mktemp('tiny')
+    assert run_main(byol, ['--data', image_folder, *TINY, '--epochs', '2', '--output-dir',
+                           out])[0] == 0
+    return out / 'checkpoint.pth'
+
+
+@pytest.mark.parametrize('cached', ['--cached', '--no-cached'])
+def test_linear_eval_protocols_leave_the_encoder_unchanged(cached, image_folder, tiny_checkpoint,
+                                                          tmp_path, monkeypatch):
+    args = ['--data', image_folder, '--pretrained', tiny_checkpoint, cached, '--epochs', '3',
+            '--batch-size', '16', '--workers', '0', '--holdout', '8', '--output-dir', tmp_path]
+    results = linear_eval.main([str(a) for a in args])
+    assert results['lr'] in linear_eval.LR_GRID and len(results['holdout_top1']) == 5
+    assert 0 <= results['top1'] <= results['top5'] <= 100
+    assert ('knn_top1' in results) == (cached == '--cached')
+    extract = byol.extract_features
+
+    def extract_and_tamper(encoder, *rest):  # a bug that would move the BN statistics
+        features = extract(encoder, *rest)
+        encoder[0][1].running_mean += 1
+        return features
+    monkeypatch.setattr(byol, 'extract_features', extract_and_tamper)
+    with pytest.raises(RuntimeError, match='frozen encoder changed'):
+        linear_eval.main([str(a) for a in args])
+
+
+def test_linear_eval_bad_inputs_give_one_line_errors(image_folder, tiny_checkpoint, tmp_path,
+                                                     capsys):
+    common = ['--data', image_folder, '--output-dir', tmp_path, '--workers', '0']
+    code, _, err = run_main(linear_eval, common + ['--pretrained', tmp_path / 'none.pth'], capsys)
+    assert_one_line_error(code, err, 'does not exist')
+    code, _, err = run_main(linear_eval, common + ['--pretrained', tiny_checkpoint, '--arch',
+                                                   'resnet18'], capsys)
+    assert_one_line_error(code, err, 'holds a convnet encoder, not --arch resnet18')
+    code, _, err = run_main(linear_eval, ['--data', tmp_path / 'nowhere', '--pretrained',
+                                          tiny_checkpoint], capsys)
+    assert_one_line_error(code, err, 'no such folder')
+
+
+# ------------------------------------------------------------------------------------------------
 # Learning on real data: CIFAR-10 as an image folder (../shared/data/cifar10)
 # ------------------------------------------------------------------------------------------------
 # About 60-90 s of CPU: convnet of width 16, one epoch of batch 128 (390 steps). Short CPU runs
