@@ -206,7 +206,8 @@ def convnet(width=32):
 
 RESNET_LAYERS = {'resnet18': (BasicBlock, [2, 2, 2, 2]), 'resnet34': (BasicBlock, [3, 4, 6, 3]),
                  'resnet50': (Bottleneck, [3, 4, 6, 3]), 'resnet101': (Bottleneck, [3, 4, 23, 3]),
-                 'resnet152': (Bottleneck, [3, 8, 36, 3]), 'resnet200': (Bottleneck, [3, 24, 36, 3])}
+                 'resnet152': (Bottleneck, [3, 8, 36, 3]),
+                 'resnet200': (Bottleneck, [3, 24, 36, 3])}
 
 
 def resnet(arch, width=1):
@@ -694,7 +695,7 @@ def images_in_memory(images):
 class DeviceCrops:
     """Batches of crop pairs from a dataset held whole on the training device: no DataLoader.
     The same EpochSampler keys and the same uniforms as Crops, so the same crops (up to uint8
-    rounding), computed over the batch -> (crops (b, 2, 3, S, S) uint8, uniforms (b, 2, N_SLOTS))."""
+    rounding), computed over the batch -> (crops (b, 2, 3, S, S) uint8, uniforms (b, 2, K))."""
 
     def __init__(self, data, size, batch_size, seed, device):
         self.data, self.size, self.batch_size, self.seed = data.to(device), size, batch_size, seed

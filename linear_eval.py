@@ -63,7 +63,8 @@ def get_parser():
       f'(default: {IMAGENET_HOLDOUT} for 1M+ images as the paper, else 10%%)')
     a('--train-images', type=int, default=0, help='train on this many training images (a seeded '
       'random subset; 0: all)')
-    a('--cached', action=argparse.BooleanOptionalAction, default=None, help='train on cached centre-crop '
+    a('--cached', action=argparse.BooleanOptionalAction, default=None,
+      help='train on cached centre-crop '
       'features (default: on below 200k training images)')
     a('--workers', type=int, default=None, help='data-loader processes per process')
     a('--amp', choices=('bf16', 'fp16', 'none'), default=None, help='as byol.py')
@@ -122,10 +123,11 @@ def fit(model, optimizer, batches, epochs, steps_per_epoch, device, amp='none', 
             optimizer.step()
             loss_sum += loss.detach()
             step += 1
-        elapsed = time.time() - start
-        if epoch == epochs - 1 or elapsed * (epoch + 2) / (epoch + 1) > 5 * (epoch + 1):
-            log(f'{name} epoch {epoch + 1}/{epochs} | loss {loss_sum.item() / steps_per_epoch / len(logits):.4f} '
-                f'| eta {byol.format_time(elapsed / (epoch + 1) * (epochs - epoch - 1))}')
+        if (epoch + 1) % max(1, epochs // 10) == 0 or epoch == epochs - 1:  # ~10 lines a run
+            eta = (time.time() - start) / (epoch + 1) * (epochs - epoch - 1)
+            log(f'{name} epoch {epoch + 1}/{epochs} | loss per classifier '
+                f'{loss_sum.item() / steps_per_epoch / len(logits):.4f} | '
+                f'eta {byol.format_time(eta)}')
     return model
 
 
@@ -239,7 +241,8 @@ def run(args):
         def batches(epoch):
             loader.sampler.set_epoch(epoch)
             for crops, u, labels, _ in loader:
-                x = augment.eval_batch(crops[:, 0].to(device, non_blocking=True), u[:, 0].to(device))
+                x = augment.eval_batch(crops[:, 0].to(device, non_blocking=True),
+                                       u[:, 0].to(device))  # flip, normalise
                 with torch.no_grad(), byol.autocast(device, amp):
                     y = encoder(x).float()
                 yield y, labels.to(device)  # (not inside no_grad: the heads need gradients)

@@ -66,7 +66,7 @@ def loop_ema(model, tau):
 
 
 def per_image_views(crops, u):
-    """byol.two_views one image at a time, on the CPU (as a torchvision-style per-image pipeline)."""
+    """byol.two_views one image at a time, on the CPU (as a per-image torchvision pipeline)."""
     crops, u = crops.cpu(), u.cpu()
     views = [byol.two_views(crops[i:i + 1], u[i:i + 1]) for i in range(len(crops))]
     return torch.cat([v for v, _ in views]), torch.cat([v for _, v in views])
