@@ -95,6 +95,8 @@ def get_parser():
       f'datasets and folders of at most {MAX_IN_MEMORY} images of one size)')
     a('--decode-on-device', action='store_true', help='decode JPEGs on the GPU (nvJPEG, '
       'batched) and crop there; the loader only reads files (image folders only)')
+    a('--compile', action='store_true', help='torch.compile the networks (minutes of '
+      'compilation at the start; opt-in)')
     a('--workers', type=int, default=None, help='data-loader processes per GPU/process '
       '(default: the CPU cores per process less one, at most 10)')
     a('--seed', type=int, default=0, help='seeds the initialisation, the data order and every '
@@ -966,6 +968,8 @@ def train(args):
         step = checkpoint['step']
     model = DistributedDataParallel(byol, device_ids=[device] if device.type == 'cuda' else None) \
         if world > 1 else byol
+    if args.compile:  # the forward and backward of both networks; the EMA and LARS stay eager
+        model = torch.compile(model)
     if is_main():
         out.mkdir(parents=True, exist_ok=True)
     log('config: ' + json.dumps(config, sort_keys=True))

@@ -848,3 +848,26 @@ def test_decode_on_device_gives_the_loader_crops(image_folder):
     files, u_files, labels_files, _ = byol.EncodedCrops(images, 16, seed=2).__getitems__(keys)
     assert torch.equal(u, u_files) and torch.equal(labels, labels_files)
     assert torch.equal(byol.decode_crops(files, u_files, 16, torch.device('cpu')), crops)
+
+
+def test_compiled_model_computes_the_eager_loss_and_gradients():
+    model = tiny_byol()
+    v1, v2 = torch.randn(4, 3, 16, 16), torch.randn(4, 3, 16, 16)
+    eager = copy.deepcopy(model)
+    loss = eager(v1, v2)
+    loss.backward()
+    compiled_loss = torch.compile(model)(v1, v2)
+    compiled_loss.backward()
+    assert compiled_loss.item() == pytest.approx(loss.item(), rel=1e-5)
+    grad = torch.cat([p.grad.flatten() for p in eager.online.parameters()])
+    compiled_grad = torch.cat([p.grad.flatten() for p in model.online.parameters()])
+    assert (compiled_grad - grad).norm() < 1e-4 * grad.norm()  # fused kernels' rounding only
+
+
+def test_eval_every_logs_a_knn_accuracy(image_folder, tmp_path):
+    assert run_main(byol, ['--data', image_folder, *TINY, '--epochs', '2', '--eval-every', '1',
+                           '--output-dir', tmp_path])[0] == 0
+    records = [json.loads(line) for line in open(tmp_path / 'log.jsonl')]
+    assert [r['epoch'] for r in records] == [0, 1]
+    # 4 classes told apart by colour: the kNN monitor sees it well above chance (25%)
+    assert all(50 <= r['knn_top1'] <= 100 for r in records), records
