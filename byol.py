@@ -573,9 +573,10 @@ class Crops(torch.utils.data.Dataset):
     random=True: V random resized crops (the geometric half of T and T'); random=False: one
     centre crop (evaluation). All randomness comes from augment.uniforms(seed, epoch, i)."""
 
-    def __init__(self, images, size, n_views=2, random=True, seed=0):
+    def __init__(self, images, size, n_views=2, random=True, seed=0, center_fraction=0.875):
         self.images, self.size, self.n_views, self.random, self.seed = \
             images, size, n_views, random, seed
+        self.center_fraction = center_fraction  # random=False: the centre crop's side / min(H, W)
 
     def __len__(self):
         return len(self.images)
@@ -586,8 +587,8 @@ class Crops(torch.utils.data.Dataset):
         images = [load_or_skip(self.images, i) for i in indices.tolist()]
         heights, widths = torch.tensor([image.shape[-2:] for image in images]).T
         boxes = torch.stack([augment.crop_boxes(u[:, v], heights, widths) if self.random else
-                             torch.tensor([augment.center_crop_box(h, w) for h, w in
-                                           zip(heights.tolist(), widths.tolist())])
+                             torch.tensor([augment.center_crop_box(h, w, self.center_fraction)
+                                           for h, w in zip(heights.tolist(), widths.tolist())])
                              for v in range(self.n_views)], dim=1)  # (b, V, 4)
         crops = torch.stack([torch.stack([augment.resized_crop(image, box.tolist(), self.size)
                                           for box in image_boxes])

@@ -92,6 +92,30 @@ class Heads(nn.Module):
         return torch.stack([head(y) for head in self.heads])
 
 
+class Classifier(nn.Module):
+    """Encoder f and a new linear layer, trained together (fine-tuning in semi_sup.py and
+    transfer.py): images (B, 3, S, S) -> logits (B, C)."""
+
+    def __init__(self, encoder, feature_dim, n_classes):
+        super().__init__()
+        self.encoder = encoder
+        self.head = nn.Linear(feature_dim, n_classes)
+
+    def forward(self, x):
+        return self.head(self.encoder(x))
+
+
+def augmented_batches(loader, device):
+    """batches(epoch) for fit from a loader of random crops (byol.Crops, random=True): flipped,
+    normalised images (B, 3, S, S) and labels, on the device (linear evaluation's augmentation)."""
+    def batches(epoch):
+        loader.sampler.set_epoch(epoch)
+        for crops, u, labels, _ in loader:
+            yield (augment.eval_batch(crops[:, 0].to(device, non_blocking=True),
+                                      u[:, 0].to(device)), labels.to(device))
+    return batches
+
+
 def cosine(step, total_steps):
     """Cosine decay from 1 to 0 over total_steps, per step."""
     return 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps))
@@ -180,7 +204,7 @@ def frozen_encoder(args, images, device):
         small = args.small_images if args.small_images is not None else \
             byol.default_image_size(images) <= 64
         encoder, feature_dim = byol.build_encoder(args.arch or 'resnet50', small, args.width)
-        log('WARNING: no --pretrained given: evaluating a RANDOMLY INITIALISED encoder (baseline)')
+        log('WARNING: no --pretrained given: a RANDOMLY INITIALISED encoder (a baseline)')
     encoder.requires_grad_(False)
     return encoder.to(device).eval(), feature_dim
 
@@ -238,14 +262,11 @@ def run(args):
                                              n_views=1, random=True, seed=args.seed),
                                   args.batch_size // world, workers, True, args.seed, device)
 
-        def batches(epoch):
-            loader.sampler.set_epoch(epoch)
-            for crops, u, labels, _ in loader:
-                x = augment.eval_batch(crops[:, 0].to(device, non_blocking=True),
-                                       u[:, 0].to(device))  # flip, normalise
+        def batches(epoch):  # features of freshly augmented images, every epoch
+            for x, labels in augmented_batches(loader, device)(epoch):
                 with torch.no_grad(), byol.autocast(device, amp):
                     y = encoder(x).float()
-                yield y, labels.to(device)  # (not inside no_grad: the heads need gradients)
+                yield y, labels  # (not inside no_grad: the heads need gradients)
         model = DistributedDataParallel(heads) if world > 1 else heads
         fit(model, optimizer, batches, args.epochs, len(loader), device, name='linear')
     held_out_x, held_out_y = features(byol.Subset(train_images, holdout_idx))

@@ -1,4 +1,4 @@
-"""Tests for byol.py, augment.py and the evaluation scripts. CPU only, a few minutes in all.
+"""Tests for byol.py, augment.py, linear_eval.py, semi_sup.py and transfer.py. CPU only, minutes.
 
     pytest test_byol.py            # everything; the CIFAR-10 tests skip if its folder is absent
     pytest test_byol.py -k loss    # one group
@@ -10,19 +10,24 @@ import copy
 import json
 import math
 import os
-import struct
+import pickle
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 import torchvision
 
 import augment
 import byol
 import linear_eval
+import semi_sup
+import transfer
 
 # torchvision 0.29 deprecates its image decoders in favour of torchcodec; byol.py uses them while
 # they exist (they decode JPEGs faster than PIL, bit-identically) and falls back to PIL.
@@ -871,3 +876,667 @@ def test_eval_every_logs_a_knn_accuracy(image_folder, tmp_path):
     assert [r['epoch'] for r in records] == [0, 1]
     # 4 classes told apart by colour: the kNN monitor sees it well above chance (25%)
     assert all(50 <= r['knn_top1'] <= 100 for r in records), records
+
+
+# ------------------------------------------------------------------------------------------------
+# Semi-supervised fine-tuning (semi_sup.py)
+# ------------------------------------------------------------------------------------------------
+
+
+SUBSETS = Path(os.environ.get('BYOL_IMAGENET_SUBSETS',
+                              HERE.parent / 'shared' / 'data' / 'imagenet_subsets'))
+needs_subsets = pytest.mark.skipif(
+    not (SUBSETS / '1percent.txt').is_file() or not (SUBSETS / '10percent.txt').is_file(),
+    reason=f'ImageNet subset lists not found in {SUBSETS} (set BYOL_IMAGENET_SUBSETS)')
+
+
+def fake_imagenet(root, names, extra_per_class=1):
+    """An ImageNet-style train/ folder holding these file names (class = prefix before '_'),
+    plus `extra_per_class` unlisted images per class. Files are not decoded by the subset code,
+    so they all hold the same bytes."""
+    classes = sorted({name.split('_')[0] for name in names})
+    for wnid in classes:
+        (root / 'train' / wnid).mkdir(parents=True, exist_ok=True)
+        for k in range(extra_per_class):
+            (root / 'train' / wnid / f'{wnid}_9999999{k}.JPEG').write_bytes(b'x')
+    for name in names:
+        (root / 'train' / name.split('_')[0] / name).write_bytes(b'x')
+    return byol.FolderImages(root / 'train')
+
+
+def listed(path):
+    return [line.strip() for line in open(path) if line.strip()]
+
+
+def subset_args(*argv):
+    return semi_sup.get_parser().parse_args(['--data', 'unused', *map(str, argv)])
+
+# ------------------------------------------------------------------------------------------------
+# Labelled subsets
+# ------------------------------------------------------------------------------------------------
+
+
+@needs_subsets
+def test_official_lists_select_exactly_the_listed_images(tmp_path):
+    # 1%: every listed file of all 1000 classes, and one unlisted image per class beside them.
+    names = listed(SUBSETS / '1percent.txt')
+    images = fake_imagenet(tmp_path / 'one', names)
+    assert len(images) == 12811 + 1000
+    args = subset_args('--subset', '1percent', '--subset-dir', SUBSETS)
+    indices, path = semi_sup.labelled_subset(args, images)
+    assert path == SUBSETS / '1percent.txt'
+    chosen = [Path(images.samples[i][0]).name for i in indices]
+    assert len(chosen) == 12811 and set(chosen) == set(names)
+    # each image is labelled with its folder's class, the prefix of its name
+    assert all(images.classes[images.labels[i]] == name.split('_')[0]
+               for i, name in zip(indices, chosen))
+    # 12 or 13 images per class (SPEC.md section 5): 189 x 12 + 811 x 13 = 12,811
+    per_class = Counter(Counter(images.labels[i] for i in indices).values())
+    assert per_class == {12: 189, 13: 811}
+
+    # 10%: a sample of 20 classes (the whole list would be 128,116 files), through a FILE.
+    wnids = sorted({name.split('_')[0] for name in names})[::50]
+    names = [n for n in listed(SUBSETS / '10percent.txt') if n.split('_')[0] in wnids]
+    images = fake_imagenet(tmp_path / 'ten', names, extra_per_class=3)
+    (tmp_path / 'ten.txt').write_text('\n'.join(names) + '\n')
+    indices, _ = semi_sup.labelled_subset(subset_args('--subset', tmp_path / 'ten.txt'), images)
+    chosen = [Path(images.samples[i][0]).name for i in indices]
+    assert len(images) == len(names) + 60 and sorted(chosen) == sorted(names)
+    assert set(Counter(images.labels[i] for i in indices).values()) <= {128, 129}
+
+
+@needs_subsets
+def test_a_missing_listed_file_is_named(tmp_path):
+    names = listed(SUBSETS / '1percent.txt')
+    wnids = sorted({name.split('_')[0] for name in names})[:3]
+    present = [n for n in names if n.split('_')[0] in wnids]
+    images = fake_imagenet(tmp_path, present[1:])  # the first listed file of these is absent
+    (tmp_path / 'list.txt').write_text('\n'.join(present) + '\n')
+    with pytest.raises(byol.UserError, match=f'lists {present[0]}, which is not among the '
+                                             'training images'):
+        semi_sup.read_subset_file(tmp_path / 'list.txt', images)
+    # the real list against these three classes: the rest of its 12,811 files are missing
+    with pytest.raises(byol.UserError, match=f'{12811 - len(present)} more listed files'):
+        semi_sup.read_subset_file(SUBSETS / '1percent.txt', images)
+
+
+def test_subset_file_errors_are_one_line(image_folder, tmp_path, capsys):
+    common = ['--data', image_folder, '--arch', 'convnet', '--width', '4', '--workers', '0',
+              '--output-dir', tmp_path / 'out']
+    listing = tmp_path / 'list.txt'
+    listing.write_text('000.jpg\nclass1/001.jpg\nclass0/nope.jpg\n')
+    code, _, err = run_main(semi_sup, [*common, '--subset', listing], capsys)
+    assert code == 2 and err.count('\n') == 1 and 'Traceback' not in err
+    assert err.startswith('semi_sup.py: error: ') and 'lists class0/nope.jpg, which is not' in err
+    listing.write_text('000.jpg\nclass0/000.jpg\n')
+    code, _, err = run_main(semi_sup, [*common, '--subset', listing], capsys)
+    assert code == 2 and 'lists class0/000.jpg more than once' in err
+    code, _, err = run_main(semi_sup, [*common, '--subset', 'half'], capsys)
+    assert code == 2 and "--subset half: not 1percent or 10percent, a fraction" in err
+    code, _, err = run_main(semi_sup, [*common, '--subset', '1.5'], capsys)
+    assert code == 2 and 'a fraction must be in (0, 1]' in err
+    code, _, err = run_main(semi_sup, [*common, '--subset', '1percent', '--subset-dir',
+                                       tmp_path], capsys)
+    assert code == 2 and '1percent.txt not found' in err and 'google-research/simclr' in err
+    assert not (tmp_path / 'out').exists()
+
+
+def test_a_bare_name_in_several_classes_is_ambiguous(tmp_path):
+    for c in ('cat', 'dog'):
+        (tmp_path / 'train' / c).mkdir(parents=True)
+        (tmp_path / 'train' / c / '0001.jpg').write_bytes(b'x')
+    images = byol.FolderImages(tmp_path / 'train')
+    (tmp_path / 'list.txt').write_text('0001.jpg\n')
+    with pytest.raises(byol.UserError, match='0001.jpg names 2 images .in cat, dog'):
+        semi_sup.read_subset_file(tmp_path / 'list.txt', images)
+    (tmp_path / 'list.txt').write_text('dog/0001.jpg\n')
+    assert semi_sup.read_subset_file(tmp_path / 'list.txt', images) == [1]
+
+
+def test_fraction_subset_is_class_balanced_and_seeded():
+    labels = [0] * 10 + [1] * 20 + [2] * 30
+    # 0.5 of 60 = 30 images: 10 from each class, not 5, 10, 15
+    half = semi_sup.balanced_subset(labels, 3, 0.5, seed=0)
+    assert len(half) == 30 and Counter(labels[i] for i in half) == {0: 10, 1: 10, 2: 10}
+    # 7 images: 7 = 2 x 3 + 1, the first class takes the extra one
+    seven = semi_sup.balanced_subset(labels, 3, 7 / 60, seed=0)
+    assert Counter(labels[i] for i in seven) == {0: 3, 1: 2, 2: 2}
+    # a class smaller than its share (7 of 21) gives all it has
+    small = semi_sup.balanced_subset([0] * 2 + [1] * 20 + [2] * 20, 3, 0.5, seed=0)
+    assert len(small) == 2 + 7 + 7
+    # a function of (labels, fraction, seed): the same on every call, another seed differs
+    assert semi_sup.balanced_subset(labels, 3, 0.5, seed=0) == half == sorted(set(half))
+    assert semi_sup.balanced_subset(labels, 3, 0.5, seed=1) != half
+    # and the permutations are the seeded ones: class c's images in torch.randperm order
+    g = torch.Generator().manual_seed(0)
+    expected = [j for c, (first, n) in enumerate(((0, 10), (10, 20), (30, 30)))
+                for j in (first + torch.randperm(n, generator=g)[:10]).tolist()]
+    assert half == sorted(expected)
+
+
+def test_default_batch_is_halved_for_small_sets():
+    assert semi_sup.default_batch_size(11530, 1) == 1024  # ImageNet 1% less 10%: 11 steps
+    assert semi_sup.default_batch_size(11530, 8) == 1024
+    assert semi_sup.default_batch_size(4500, 1) == 256    # 4500 // 512 = 8 < 10; // 256 = 17
+    assert semi_sup.default_batch_size(4500, 3) == 255    # a multiple of 3 processes
+    assert semi_sup.default_batch_size(29, 1) == 32       # never below MIN_BATCH
+
+# ------------------------------------------------------------------------------------------------
+# The protocol on the 4-class image folder
+# ------------------------------------------------------------------------------------------------
+TINY_FT = ['--arch', 'convnet', '--width', '4', '--workers', '0', '--batch-size', '8']
+
+
+def test_grid_selection_subset_file_and_results(image_folder, tmp_path, capsys):
+    out = tmp_path / 'out'
+    args = ['--data', image_folder, '--subset', '0.5', *TINY_FT, '--lr', '0.0', '0.1',
+            '--epochs', '1', '3', '--output-dir', out]
+    results = semi_sup.main(list(map(str, args)))
+    # 0.5 of 64 images: 8 per class; 32 // 10 = 3 held out
+    assert (results['labelled_images'], results['train_images'], results['holdout_images'],
+            results['val_images']) == (32, 29, 3, 16)
+    # the grid is lr x epochs, and the chosen setting is the first best on the held-out images
+    held_out = results['holdout_top1']
+    assert list(held_out) == ['0.0x1', '0.1x1', '0.0x3', '0.1x3']
+    assert f'{results["lr"]}x{results["epochs"]}' == max(held_out, key=held_out.get)
+    # lr 0 leaves the parameters where they started: its two runs agree
+    assert held_out['0.0x1'] == held_out['0.0x3']
+    assert results['top1'] * 16 / 100 == pytest.approx(round(results['top1'] * 16 / 100))
+    assert json.loads((out / 'results.jsonl').read_text()) == results
+    # the subset file: 8 images of each class, readable back as --subset FILE
+    saved = out / 'subset_0.5_seed0.txt'
+    assert results['subset_file'] == str(saved)
+    lines = saved.read_text().splitlines()
+    assert Counter(line.split('/')[0] for line in lines) == {f'class{c}': 8 for c in range(4)}
+    images = byol.load_images(str(image_folder))
+    assert semi_sup.read_subset_file(saved, images) == semi_sup.balanced_subset(
+        images.labels, 4, 0.5, 0)
+    # --subset FILE gives the same run
+    again = semi_sup.main(list(map(str, args[:2] + ['--subset', saved] + args[4:])))
+    assert again['holdout_top1'] == held_out and again['top1'] == results['top1']
+
+
+def test_the_whole_network_trains(image_folder, tmp_path):
+    args = ['--data', image_folder, '--subset', '0.5', *TINY_FT, '--epochs', '1',
+            '--output-dir', tmp_path]
+    frozen = semi_sup.main(list(map(str, args + ['--lr', '0.0'])))
+    tuned = semi_sup.main(list(map(str, args + ['--lr', '0.1'])))
+    assert frozen['encoder_change'] == 0.0 and tuned['encoder_change'] > 1e-3
+
+
+def test_two_processes_draw_the_same_subset(image_folder, tmp_path):
+    args = ['--data', str(image_folder), '--subset', '0.5', *TINY_FT, '--lr', '0.1',
+            '--epochs', '1']
+    one = semi_sup.main(args + ['--output-dir', str(tmp_path / 'one')])
+    torchrun = [sys.executable, '-m', 'torch.distributed.run', '--standalone',
+                '--nproc_per_node=2', str(HERE / 'semi_sup.py')]
+    result = subprocess.run(torchrun + args + ['--output-dir', str(tmp_path / 'two')],
+                            capture_output=True, text=True, timeout=300,
+                            env=dict(os.environ, OMP_NUM_THREADS='1'))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert '2 process(es)' in result.stdout
+    name = 'subset_0.5_seed0.txt'
+    assert (tmp_path / 'two' / name).read_text() == (tmp_path / 'one' / name).read_text()
+    two = json.loads((tmp_path / 'two' / 'results.jsonl').read_text())
+    assert two['val_images'] == one['val_images'] == 16  # gathered from both processes
+    assert (two['labelled_images'], two['holdout_images']) == (32, 3)
+
+# ------------------------------------------------------------------------------------------------
+# Learning on real data: 10% of CIFAR-10's labels, BYOL init vs random init
+# ------------------------------------------------------------------------------------------------
+
+
+@needs_cifar10
+def test_byol_init_beats_random_init_with_ten_percent_of_labels(cifar_byol, tmp_path):
+    out, _ = cifar_byol
+    # 5,000 labelled images (500 per class), 500 held out; one setting of the grid, few epochs.
+    args = ['--data', CIFAR10, '--subset', '0.1', '--lr', '0.05', '--epochs', '4',
+            '--val-images', '2000', '--workers', '0', '--output-dir', tmp_path]
+    tuned = semi_sup.main(list(map(str, args + ['--pretrained', out / 'checkpoint.pth'])))
+    scratch = semi_sup.main(list(map(str, args + ['--arch', 'convnet', '--width', '16'])))
+    print(f'10% of CIFAR-10 labels: random init {scratch["top1"]:.2f}%, '
+          f'BYOL {tuned["top1"]:.2f}%')
+    assert (tuned['labelled_images'], tuned['train_images'], tuned['batch_size']) == \
+        (5000, 4500, 256)
+    # Measured (2,000 val images): BYOL 41.75% vs random 40.60% at lr 0.05 x 4 epochs, but 42.65%
+    # vs 43.95% at lr 0.1: the one-epoch BYOL encoder's lead is within noise after fine-tuning.
+    assert tuned['top1'] > scratch['top1'], (tuned, scratch)
+
+
+# ------------------------------------------------------------------------------------------------
+# Transfer (transfer.py): metrics
+# ------------------------------------------------------------------------------------------------
+
+
+def test_top1_and_mean_per_class_accuracy_by_hand():
+    # 4 classes; class 3 has no image: it must not count in the mean per-class accuracy.
+    scores = torch.tensor([[9., 0, 0, 0], [9, 0, 0, 0], [0, 9, 0, 0], [9, 0, 0, 0],
+                           [0, 0, 9, 0], [0, 9, 0, 0]])
+    targets = torch.tensor([0, 0, 0, 1, 2, 2])
+    # predictions 0 0 1 0 2 1: hits 1 1 0 0 1 0
+    assert transfer.top1(scores, targets) == pytest.approx(100 * 3 / 6)
+    # class 0: 2/3, class 1: 0/1, class 2: 1/2 -> mean (2/3 + 0 + 1/2) / 3
+    assert transfer.mean_per_class_accuracy(scores, targets) == pytest.approx(
+        100 * (2 / 3 + 0 + 1 / 2) / 3)
+    assert transfer.METRICS['mean_per_class'] is transfer.mean_per_class_accuracy
+
+
+def test_11_point_average_precision_by_hand():
+    # ranked hits 1 0 1 0: precision 1, 1/2, 2/3, 1/2 at recall 1/2, 1/2, 1, 1.
+    # t = 0 .. 0.5 (6 levels): max precision 1; t = 0.6 .. 1 (5 levels): 2/3.
+    ap = transfer.average_precision_11point(torch.tensor([0.9, 0.8, 0.7, 0.6]),
+                                            torch.tensor([True, False, True, False]))
+    assert ap == pytest.approx((6 * 1 + 5 * 2 / 3) / 11)
+    # the order comes from the scores, not from the input order
+    ap2 = transfer.average_precision_11point(torch.tensor([0.6, 0.7, 0.8, 0.9]),
+                                             torch.tensor([False, True, False, True]))
+    assert ap2 == pytest.approx(ap)
+    # ranked hits 0 1: precision 1/2 at recall 1 for every level
+    assert transfer.average_precision_11point(torch.tensor([2.0, 1.0]),
+                                              torch.tensor([False, True])) == pytest.approx(0.5)
+
+
+def test_11_point_map_ignores_difficult_images_and_classes_without_positives():
+    scores = torch.tensor([[0.9, 0.1, 0.5, 0.9], [0.8, 0.2, 0.4, 0.1], [0.7, 0.3, 0.3, 0.8],
+                           [0.6, 0.4, 0.2, 0.2]])
+    targets = torch.tensor([[1, 0, 0, -1], [0, 0, 0, 1], [1, 1, 0, 0], [0, 1, 0, 0]])
+    # class 0: hits 1 0 1 0 -> (6 + 5 * 2/3) / 11. class 1: scores .4 .3 (.2 .1) rank both
+    # positives first -> 1. class 2: no positive -> left out. class 3: the 'difficult' image
+    # (score .9) is ignored, so the ranking is .8 (0), .2 (0), .1 (1) -> precision 1/3 at every
+    # recall level -> 1/3.
+    expected = 100 * ((6 + 5 * 2 / 3) / 11 + 1 + 1 / 3) / 3
+    assert transfer.mean_average_precision_11point(scores, targets) == pytest.approx(expected)
+    # were the difficult image counted as a negative, class 3's AP would not change here; as a
+    # positive it would be 1 at first rank:
+    counted = targets.clone()
+    counted[0, 3] = 1
+    assert transfer.mean_average_precision_11point(scores, counted) > expected + 5
+
+
+def test_multi_label_training_targets_are_uniform_over_present_classes():
+    targets = torch.tensor([[1, 0, 1, -1], [0, 0, 0, -1], [0, 1, 0, 0]])
+    expected = torch.tensor([[0.5, 0, 0.5, 0], [0, 0, 0, 0], [0, 1.0, 0, 0]])
+    assert torch.equal(transfer.training_targets(targets), expected)
+    labels = torch.tensor([2, 0])
+    assert transfer.training_targets(labels) is labels
+
+# ------------------------------------------------------------------------------------------------
+# Logistic regression and the regularisation sweep
+# ------------------------------------------------------------------------------------------------
+
+
+def blobs(n, seed, shift=1.5, d=8, c=3):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, c, (n,), generator=g)
+    centres = torch.randn(c, d, generator=torch.Generator().manual_seed(99)) * shift
+    return centres[y] + torch.randn(n, d, generator=g), y
+
+
+def test_logistic_regression_reaches_the_optimum_of_the_stated_objective():
+    x, y = blobs(300, 0)
+    for l2 in (1e-2, 10.0, 1e3):
+        w = transfer.logistic_regression(x, y, l2, 3)
+        # stationarity of (1/N) sum CE + l2 / (2N) ||W||^2 (bias not penalised)
+        p = F.softmax(transfer.logits(x, w), dim=1)
+        residual = p - F.one_hot(y, 3).float()
+        grad_w = x.T @ residual / len(x) + l2 / len(x) * w[:-1]
+        grad_b = residual.mean(0)
+        assert grad_w.abs().max() < 2e-4 and grad_b.abs().max() < 2e-4, l2
+    # a huge penalty leaves only the bias: the class frequencies
+    w = transfer.logistic_regression(x, y, 1e7, 3)
+    assert w[:-1].abs().max() < 1e-3
+    frequencies = torch.bincount(y, minlength=3).float() / len(y)
+    assert torch.allclose(F.softmax(w[-1], dim=0), frequencies, atol=1e-3)
+
+
+def test_warm_starts_reach_the_same_solution_as_cold_starts():
+    x, y = blobs(300, 0)
+
+    def objective(w, l2):
+        return F.cross_entropy(transfer.logits(x, w), y).item() + \
+            l2 / (2 * len(x)) * w[:-1].square().sum().item()
+    w = None
+    for l2 in (1e3, 10.0, 0.1):
+        w = transfer.logistic_regression(x, y, l2, 3, init=w)
+        cold = transfer.logistic_regression(x, y, l2, 3)
+        # the same optimum (the weights only up to the gradient tolerance along flat directions)
+        assert objective(w, l2) == pytest.approx(objective(cold, l2), abs=5e-5), l2
+        p, p_cold = (F.softmax(transfer.logits(x, v), dim=1) for v in (w, cold))
+        assert (p - p_cold).abs().max() < 0.01, l2
+
+
+def test_the_sweep_picks_the_penalty_that_validation_prefers():
+    grid = (1e-4, 1e-2, 1.0, 1e2, 1e4, 1e6)
+    train, val = blobs(400, 0), blobs(400, 1)
+    best, scores, w = transfer.regularisation_path(train, val, grid, transfer.top1, 3)
+    assert best == max(range(len(grid)), key=lambda i: (scores[i], grid[i]))
+    assert scores[best] > 80 and scores[grid.index(1e6)] < 50  # the blobs are separable
+    assert transfer.top1(transfer.logits(val[0], w), val[1]) == scores[best]
+    # Training data where class 0 is the majority, and a validation split of class-1 points all
+    # labelled 0: the strongest penalty (which predicts the majority class everywhere) is now
+    # the best, and the accurate fits (which predict 1 there) the worst.
+    x, y = train
+    keep = (y == 0) | (torch.arange(len(y)) % 4 == 0)
+    val_x = val[0][val[1] == 1]
+    majority = torch.zeros(len(val_x), dtype=torch.long)
+    best, scores, _ = transfer.regularisation_path((x[keep], y[keep]), (val_x, majority), grid,
+                                                   transfer.top1, 3)
+    assert grid[best] == 1e6 and scores[best] == 100.0
+    assert scores[0] < 20
+
+# ------------------------------------------------------------------------------------------------
+# Every dataset's loader, on fake directories in torchvision's layouts
+# ------------------------------------------------------------------------------------------------
+
+
+def grey(k):
+    """The grey level that encodes class k in the fake images."""
+    return 20 + 11 * k  # up to 20 classes in 20 .. 229, far apart for JPEG's rounding
+
+
+def jpeg(path, k, size=(10, 12)):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torchvision.io.write_jpeg(torch.full((3, *size), grey(k), dtype=torch.uint8), str(path))
+
+
+def write(path, text):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def fake_food101(root):
+    classes, meta = ('apple_pie', 'bibimbap'), {}
+    for split, n in (('train', 10), ('test', 3)):
+        meta[split] = {c: [f'{c}/{split}{i}' for i in range(n)] for c in classes}
+        for k, c in enumerate(classes):
+            for i in range(n):
+                jpeg(root / 'food-101' / 'images' / c / f'{split}{i}.jpg', k)
+        write(root / 'food-101' / 'meta' / f'{split}.json', json.dumps(meta[split]))
+    return classes, (18, 2, 6)  # val: 10% of the 20 training images, as 7575 of 75750
+
+
+def fake_cifar(name, n_classes):
+    def make(root):
+        folder, key, meta_key = {'cifar10': ('cifar-10-batches-py', 'labels', 'label_names'),
+                                 'cifar100': ('cifar-100-python', 'fine_labels',
+                                              'fine_label_names')}[name]
+        files = ['data_batch_1', 'data_batch_2', 'data_batch_3', 'data_batch_4', 'data_batch_5',
+                 'test_batch'] if name == 'cifar10' else ['train', 'test']
+        (root / folder).mkdir(parents=True)
+        per_file = 20 // (len(files) - 1)
+        for file in files:
+            n = 10 if 'test' in file else per_file
+            labels = [i % n_classes for i in range(n)]
+            data = np.stack([np.full(3072, grey(k), dtype=np.uint8) for k in labels])
+            with open(root / folder / file, 'wb') as f:
+                pickle.dump({'data': data, key: labels}, f)
+        classes = [f'class{k}' for k in range(n_classes)]
+        with open(root / folder / ('batches.meta' if name == 'cifar10' else 'meta'), 'wb') as f:
+            pickle.dump({meta_key: classes}, f)
+        return classes, (18, 2, 10)
+    return make
+
+
+def fake_birdsnap(root):
+    classes = ('Acadian_Flycatcher', 'Bald_Eagle')
+    for k, c in enumerate(classes):
+        for i in range(10):
+            jpeg(root / 'birdsnap' / 'train' / c / f'{i}.jpg', k)
+        for i in range(2):
+            jpeg(root / 'birdsnap' / 'test' / c / f'{i}.jpg', k)
+    return classes, (18, 2, 4)  # val: 4981 / 47386 of 20 = 2
+
+
+def fake_sun397(root):
+    classes = ('abbey', 'bakery/shop')
+    folders = ('a/abbey', 'b/bakery/shop')
+    write(root / 'SUN397' / 'ClassName.txt', ''.join(f'/{f}\n' for f in folders))
+    lists = {'Training_01.txt': [], 'Testing_01.txt': []}
+    for k, folder in enumerate(folders):
+        for i in range(53):  # 50 training (40 + 10 validation) and 3 test images per class
+            name = f'sun_{k}{i:03d}.jpg'
+            jpeg(root / 'SUN397' / folder / name, k)
+            lists['Training_01.txt' if i < 50 else 'Testing_01.txt'].append(f'/{folder}/{name}')
+    jpeg(root / 'SUN397' / 'a' / 'abbey' / 'sun_unused.jpg', 0)  # in no partition
+    for part, names in lists.items():
+        write(root / 'SUN397' / 'Partitions' / part, '\n'.join(names) + '\n')
+    return classes, (80, 20, 6)
+
+
+def fake_cars(root):
+    from scipy.io import savemat
+    base = root / 'stanford_cars'
+    classes = ['AM General Hummer SUV 2000', 'Acura RL Sedan 2012']
+    (base / 'devkit').mkdir(parents=True)
+    savemat(base / 'devkit' / 'cars_meta.mat', {'class_names': np.array(classes, dtype=object)})
+    for split, n, mat in (('train', 10, base / 'devkit' / 'cars_train_annos.mat'),
+                          ('test', 4, base / 'cars_test_annos_withlabels.mat')):
+        annotations = np.zeros(n, dtype=[('fname', object), ('class', np.int64)])
+        for i in range(n):
+            annotations[i] = (f'{i:05d}.jpg', i % 2 + 1)  # classes are 1-based in the .mat
+            jpeg(base / f'cars_{split}' / f'{i:05d}.jpg', i % 2)
+        savemat(mat, {'annotations': annotations})
+    return classes, (8, 2, 4)  # val: 1650 / 8144 of 10 = 2
+
+
+def fake_aircraft(root):
+    data = root / 'fgvc-aircraft-2013b' / 'data'
+    classes = ('707-320', 'Boeing 717')
+    write(data / 'variants.txt', '\n'.join(classes) + '\n')
+    for split, n in (('train', 4), ('val', 3), ('test', 2)):
+        lines = []
+        for i in range(n):
+            k = i % 2
+            name = f'{split}{i:04d}'
+            jpeg(data / 'images' / f'{name}.jpg', k)
+            lines.append(f'{name} {classes[k]}')
+        write(data / f'images_variant_{split}.txt', '\n'.join(lines) + '\n')
+    return classes, (4, 3, 2)
+
+
+def voc_xml(objects):
+    body = ''.join(f'<object><name>{name}</name><difficult>{int(difficult)}</difficult>'
+                   '</object>' for name, difficult in objects)
+    return f'<annotation><filename>x.jpg</filename>{body}</annotation>'
+
+
+VOC_IMAGES = {  # image id: objects (class, difficult)
+    'train': {'000001': [('dog', 0), ('person', 0)], '000002': [('cat', 0), ('dog', 1)]},
+    'val': {'000003': [('aeroplane', 0)]},
+    'test': {'000004': [('person', 1), ('person', 0)], '000005': [('cat', 1)],
+             '000006': [('bird', 0)]},
+}
+
+
+def fake_voc2007(root):
+    voc = root / 'VOCdevkit' / 'VOC2007'
+    for split, images in VOC_IMAGES.items():
+        write(voc / 'ImageSets' / 'Main' / f'{split}.txt', '\n'.join(images) + '\n')
+        for image_id, objects in images.items():
+            first = min(transfer.VOC_CLASSES.index(c) for c, d in objects)
+            jpeg(voc / 'JPEGImages' / f'{image_id}.jpg', first)
+            write(voc / 'Annotations' / f'{image_id}.xml', voc_xml(objects))
+    return transfer.VOC_CLASSES, (2, 1, 3)
+
+
+def fake_dtd(root):
+    data = root / 'dtd' / 'dtd'
+    classes = ('banded', 'blotchy')
+    for split, n in (('train', 4), ('val', 2), ('test', 2)):
+        lines = []
+        for i in range(n):
+            c = classes[i % 2]
+            jpeg(data / 'images' / c / f'{c}_{split}{i}.jpg', i % 2)
+            lines.append(f'{c}/{c}_{split}{i}.jpg')
+        write(data / 'labels' / f'{split}1.txt', '\n'.join(lines) + '\n')
+        write(data / 'labels' / f'{split}2.txt', '')  # another partition, unused
+    return classes, (4, 2, 2)
+
+
+def fake_pets(root):
+    base = root / 'oxford-iiit-pet'
+    breeds = ('Abyssinian', 'american_bulldog')  # class ids 1 and 2 in the annotation files
+    for split, n in (('trainval', 22), ('test', 2)):
+        lines = []
+        for k, breed in enumerate(breeds):
+            for i in range(n):
+                name = f'{breed}_{split}{i}'
+                jpeg(base / 'images' / f'{name}.jpg', k)
+                lines.append(f'{name} {k + 1} {k + 1} 1')
+        write(base / 'annotations' / f'{split}.txt', '\n'.join(lines) + '\n')
+    return ('Abyssinian', 'American Bulldog'), (4, 40, 4)  # 20 validation images per class
+
+
+def fake_caltech101(root):
+    base = root / 'caltech101' / '101_ObjectCategories'
+    classes = ('BACKGROUND_Google', 'Faces', 'ant')  # the paper keeps the background class
+    for k, c in enumerate(classes):
+        for i in range(32 + k):
+            jpeg(base / c / f'image_{i + 1:04d}.jpg', k)
+    return classes, (75, 15, 2 + 3 + 4)  # 25 + 5 per class, the rest for test
+
+
+def fake_flowers(root, monkeypatch):
+    from scipy.io import savemat
+    base = root / 'flowers-102'
+    labels = [1, 2] * 6  # 12 images, 1-based labels
+    for i, label in enumerate(labels):
+        jpeg(base / 'jpg' / f'image_{i + 1:05d}.jpg', label - 1)
+    savemat(base / 'imagelabels.mat', {'labels': np.array(labels)})
+    savemat(base / 'setid.mat', {'trnid': np.arange(1, 5), 'valid': np.arange(5, 9),
+                                 'tstid': np.arange(9, 13)})
+    # torchvision checks the two .mat files' MD5 sums: fakes cannot pass, so skip the check.
+    monkeypatch.setattr(torchvision.datasets.flowers102, 'check_integrity', lambda *a: True)
+    return None, (4, 4, 4)
+
+
+FAKES = dict(food101=fake_food101, cifar10=fake_cifar('cifar10', 10),
+             cifar100=fake_cifar('cifar100', 5), birdsnap=fake_birdsnap, sun397=fake_sun397,
+             cars=fake_cars, aircraft=fake_aircraft, voc2007=fake_voc2007, dtd=fake_dtd,
+             pets=fake_pets, caltech101=fake_caltech101, flowers=fake_flowers)
+
+
+def build_fake(name, root, monkeypatch):
+    if name == 'flowers':
+        return fake_flowers(root, monkeypatch)
+    if name in ('cifar10', 'cifar100'):  # torchvision checks the MD5 of every batch file
+        monkeypatch.setattr(torchvision.datasets.cifar, 'check_integrity', lambda *a: True)
+    return FAKES[name](root)
+
+
+def first_class(targets):
+    """The class an image's grey level encodes: its label, or its first class with an object."""
+    return targets if targets.dim() == 1 else (targets != 0).long().argmax(dim=1)
+
+
+@pytest.mark.parametrize('name', list(transfer.DATASETS))
+def test_every_dataset_loader_is_wired(name, tmp_path, monkeypatch):
+    assert set(FAKES) == set(transfer.DATASETS) == set(transfer.LOADERS)
+    assert not transfer.present(name, tmp_path)
+    classes, sizes = build_fake(name, tmp_path, monkeypatch)
+    assert transfer.present(name, tmp_path)
+    splits = transfer.load_dataset(name, tmp_path, download=False, seed=0)
+    assert tuple(len(splits[s].images) for s in ('train', 'val', 'test')) == sizes
+    assert tuple(len(splits[s].targets) for s in ('train', 'val', 'test')) == sizes
+    if classes is not None:
+        assert list(splits['train'].images.classes) == list(classes)
+    for split in splits.values():
+        for i in range(len(split.images)):  # each image's grey level encodes its class
+            image = split.images.load(i)
+            assert image.dtype == torch.uint8 and image.shape[0] == 3 and image.dim() == 3
+            k = first_class(split.targets)[i].item()
+            assert abs(image.float().mean().item() - grey(k)) < 4, (split.images.name(i), k)
+    # the splits are disjoint (in-memory CIFAR images are named by index: train and val then)
+    names = [{s.images.name(i) for i in range(len(s.images))} for s in splits.values()]
+    if name.startswith('cifar'):
+        names[2] = set()
+    assert not (names[0] & names[1]) and not (names[0] & names[2]) and not (names[1] & names[2])
+
+
+def test_voc2007_targets_mark_difficult_only_classes(tmp_path, monkeypatch):
+    fake_voc2007(tmp_path)
+    splits = transfer.load_dataset('voc2007', tmp_path)
+    c = transfer.VOC_CLASSES.index
+    train, test = splits['train'].targets, splits['test'].targets
+    assert train.shape == (2, 20) and train.sum() == 3 - 1  # dog, person; cat, dog (difficult)
+    assert train[0, c('dog')] == 1 and train[0, c('person')] == 1
+    assert train[1, c('cat')] == 1 and train[1, c('dog')] == -1
+    assert test[0, c('person')] == 1  # a difficult and a plain person: present
+    assert test[1, c('cat')] == -1 and test[2, c('bird')] == 1
+
+
+def test_missing_datasets_give_one_line_errors(tmp_path, capsys):
+    code, _, err = run_main(transfer, ['--dataset', 'dtd', '--data-root', tmp_path], capsys)
+    assert code == 2 and err.count('\n') == 1 and 'pass --download' in err
+    assert 'transfer.py: error: DTD not found' in err
+    code, _, err = run_main(transfer, ['--dataset', 'cars', '--data-root', tmp_path,
+                                       '--download'], capsys)
+    assert code == 2 and 'torchvision cannot download it' in err
+    code, _, err = run_main(transfer, ['--all', '--data-root', tmp_path], capsys)
+    assert code == 2 and 'none of the 12 datasets' in err
+    code, _, err = run_main(transfer, ['--data-root', tmp_path], capsys)
+    assert code == 2 and '--dataset NAME or --all' in err
+    assert not (tmp_path / 'caltech101').exists()  # nothing was created under --data-root
+
+# ------------------------------------------------------------------------------------------------
+# The protocols end to end
+# ------------------------------------------------------------------------------------------------
+TINY_T = ['--arch', 'convnet', '--width', '4', '--workers', '0', '--image-size', '16']
+
+
+def test_all_runs_the_present_datasets_and_writes_the_table(tmp_path, monkeypatch, capsys):
+    fake_dtd(tmp_path)
+    fake_voc2007(tmp_path)
+    out = tmp_path / 'out'
+    code, stdout, err = run_main(transfer, ['--all', '--data-root', tmp_path, *TINY_T, '--l2', '1',
+                                            '1e3', '--output-dir', out], capsys)
+    assert code == 0, err
+    assert stdout.count('skipped, not found') == 10 and 'Food-101: skipped' in stdout
+    rows = json.load(open(out / 'table_linear.json'))
+    assert [r['dataset'] for r in rows[:2]] == ['VOC2007', 'DTD']  # the paper's order
+    assert rows[0]['metric'] == '11-point mAP' and rows[0]['paper'] == 82.5
+    assert len(rows) == 12 and all(r['ours'] is None for r in rows[2:])
+    markdown = (out / 'table_linear.md').read_text()
+    assert '| VOC2007 | 11-point mAP |' in markdown and '| 75.5 |' in markdown
+    voc = json.load(open(out / 'voc2007_linear.json'))
+    assert voc['train_val_test'] == [2, 1, 3] and voc['l2'] in (1.0, 1000.0)
+    assert 0 <= voc['test'] <= 100
+
+
+def test_finetune_protocol_runs_the_grid_and_refits(image_folder, tmp_path, capsys):
+    assert transfer.bn_momentum(50) == pytest.approx(0.1)      # decay max(1 - 10/50, 0.9) = 0.9
+    assert transfer.bn_momentum(1000) == pytest.approx(0.01)   # decay 0.99
+    lrs, wds = transfer.FINETUNE_GRIDS['full']
+    assert len(lrs) == 7 and len(wds) == 8 and wds[0] == 0
+    assert lrs[0] == pytest.approx(1e-4) and lrs[-1] == pytest.approx(0.1)
+    assert wds[1] == pytest.approx(1e-6) and wds[-1] == pytest.approx(1e-3)
+    results = transfer.main(['--dataset', 'folder', '--data-root', str(image_folder), *TINY_T,
+                             '--protocol', 'finetune', '--grid', 'quick', '--steps', '6',
+                             '--batch-size', '16', '--output-dir', str(tmp_path)])
+    result, = results
+    assert len(result['val_by_lr_wd']) == 4 and (result['lr'], result['wd']) in [
+        (lr, wd) for lr in (0.01, 0.1) for wd in (0.0, 1e-5)]
+    assert result['val'] == max(result['val_by_lr_wd'].values())
+    assert result['train_val_test'] == [58, 6, 16] and 0 <= result['test'] <= 100
+
+
+@needs_cifar10
+def test_linear_transfer_to_cifar10_beats_random_init(cifar_byol, tmp_path):
+    """A real transfer target: a subset of the CIFAR-10 folder as --dataset cifar10."""
+    root = tmp_path / 'data'
+    for split, n in (('train', 1000), ('val', 200)):  # 10,000 training and 2,000 test images
+        for folder in sorted((CIFAR10 / split).iterdir()):
+            target = root / 'cifar10' / split / folder.name
+            target.mkdir(parents=True)
+            for f in sorted(folder.iterdir())[:n]:
+                os.symlink(f, target / f.name)
+    out, _ = cifar_byol
+    common = ['--dataset', 'cifar10', '--data-root', root, '--workers', '0',
+              '--output-dir', tmp_path / 'out']
+    trained, = transfer.main([str(a) for a in common + ['--pretrained', out / 'checkpoint.pth']])
+    random, = transfer.main([str(a) for a in common + ['--arch', 'convnet', '--width', '16']])
+    print(f'linear transfer to CIFAR-10: random init {random["test"]:.2f}%, '
+          f'BYOL {trained["test"]:.2f}%')
+    assert trained['train_val_test'] == [9000, 1000, 2000] and trained['image_size'] == 32
+    assert len(trained['val_by_l2']) == 45
+    assert trained['test'] >= random['test'] + 2.0, (trained['test'], random['test'])
