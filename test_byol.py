@@ -42,7 +42,7 @@ needs_cifar10 = pytest.mark.skipif(
 # A tiny BYOL for the loop tests: convnet of width 4, small projector and predictor.
 TINY = ['--arch', 'convnet', '--width', '4', '--hidden-dim', '32', '--projection-dim', '16',
         '--batch-size', '16', '--workers', '0', '--log-every', '2', '--warmup-epochs', '1',
-        '--lr', '0.4']
+        '--lr', '0.4', '--amp', 'none']
 
 
 @pytest.fixture(scope='session')

@@ -10,7 +10,8 @@ Step variants (images/s counts each source image once, i.e. batch / step time):
   straightforward   per-image augmentation on the CPU, per-parameter Python loops for LARS and the
                     EMA, fp32, default memory format: what a direct transcription of the paper does
   byol.py           batched augmentation on the training device, multi-tensor (foreach) LARS and
-                    EMA, bf16 autocast and channels_last on GPUs (as byol.py runs)
+                    EMA, bf16 autocast where the hardware has it (GPUs; CPUs with AMX or
+                    AVX-512 BF16), channels_last on GPUs: as byol.py runs
   byol.py - X       byol.py with one feature X switched back to the straightforward way
   byol.py + compile torch.compile of the BYOL module (--compile; opt-in)
 Warm-up steps are excluded; each variant's time is the median over --repeats timings of --steps
@@ -80,7 +81,7 @@ def make_step(args, device, batched_augment=True, foreach=True, amp=None, channe
               compile=False):
     """A training step of byol.py (augmentation included, crops given) with the chosen ways."""
     torch.manual_seed(0)
-    amp = amp if amp is not None else byol.default_amp() if device.type == 'cuda' else 'none'
+    amp = amp if amp is not None else byol.default_amp()
     channels_last = device.type == 'cuda' if channels_last is None else channels_last
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     encoder, dim = byol.build_encoder(args.arch, args.image_size <= 64, args.width)
@@ -220,8 +221,9 @@ def main():
     if not args.no_ablations:
         variants['byol.py - batched augmentation'] = dict(batched_augment=False)
         variants['byol.py - foreach LARS/EMA'] = dict(foreach=False)
-        if cuda:
+        if byol.default_amp() == 'bf16':
             variants['byol.py - bf16'] = dict(amp='none')
+        if cuda:
             variants['byol.py - channels_last'] = dict(channels_last=False)
     if args.compile:
         variants['byol.py + compile'] = dict(compile=True)
