@@ -15,8 +15,9 @@ Commands
   A rerun of the same command resumes from <output-dir>/checkpoint.pth. The final encoder is
   exported as <output-dir>/encoder.pth, loadable by torchvision.models.<arch>().
 
-Measured (README.md has the table): CIFAR-10 JPEG folder, --arch convnet, 10 CPU-minutes on 2
-cores: linear probe 48.0% (random init) -> 57.9% (BYOL).
+Measured (README.md has the table): CIFAR-10 JPEG folder, --arch convnet --width 32, 3 epochs
+(1,170 steps of 128, fp32) in 6.7 minutes on 2 CPU cores: linear probe 51.1% (random init) ->
+55.8% (BYOL), kNN 43.6% -> 47.7%.
 """
 import argparse
 import contextlib

@@ -771,8 +771,9 @@ def test_byol_learns_on_cifar10(cifar_byol, tmp_path, capsys):
     assert all(std * math.sqrt(128) >= 0.5 for _, std in lines), 'collapse'
     probe = ['--data', CIFAR10, '--train-images', '10000', '--workers', '0',
              '--output-dir', tmp_path]
-    trained = linear_eval.main(probe + ['--pretrained', out / 'checkpoint.pth'])
-    random = linear_eval.main(probe + ['--arch', 'convnet', '--width', '16', '--seed', '0'])
+    trained = linear_eval.main([str(a) for a in probe + ['--pretrained', out / 'checkpoint.pth']])
+    random = linear_eval.main([str(a) for a in probe + ['--arch', 'convnet', '--width', '16',
+                                                        '--seed', '0']])
     print(f'linear probe: random init {random["top1"]:.2f}%, BYOL {trained["top1"]:.2f}%')
     assert trained['top1'] >= random['top1'] + 2.0, (trained, random)
     assert trained['image_size'] == 32 and trained['train_images'] == 10000
