@@ -38,23 +38,44 @@ LR_GRID = (0.4, 0.3, 0.2, 0.1, 0.05)  # paper appendix C.1
 IMAGENET_HOLDOUT = 10009              # paper appendix C.1: the last 10,009 training images
 
 
-def get_parser():
-    p = byol.ArgumentParser(prog='linear_eval.py', description='Linear evaluation of a frozen '
-                            'encoder (BYOL paper, appendix C.1).')
+def add_data_arguments(p):
+    """--data, --data-root, --download: as byol.py's."""
+    p.add_argument('--data', required=True, help='as byol.py: an image folder with train/ and '
+                   'val/, or one of ' + ', '.join(byol.NAMED_DATASETS))
+    p.add_argument('--data-root', default='data', help='where named datasets live (default: '
+                   './data)')
+    p.add_argument('--download', action='store_true', help='download a missing named dataset')
+
+
+def add_encoder_arguments(p, image_size_help='crop size (default: 224, or the images\' shorter '
+                          'side if smaller)'):
+    """The encoder to evaluate, shared by the evaluation scripts: a byol.py checkpoint or
+    encoder.pth, or (omitted) a randomly initialised one described by --arch and --width."""
     a = p.add_argument
-    a('--data', required=True, help='as byol.py: an image folder with train/ and val/, or one of '
-      + ', '.join(byol.NAMED_DATASETS))
-    a('--data-root', default='data', help='where named datasets live (default: ./data)')
-    a('--download', action='store_true', help='download a named dataset if it is missing')
     a('--pretrained', default=None, help='byol.py checkpoint.pth or exported encoder.pth; '
-      'omitted: a randomly initialised encoder (baseline)')
+      'omitted: a randomly initialised encoder (a baseline)')
     a('--arch', default=None, choices=byol.ARCHS, help='encoder when --pretrained is omitted '
       '(default resnet50); with --pretrained it is read from the checkpoint')
     a('--width', type=int, default=None, help='as byol.py, when --pretrained is omitted')
     a('--small-images', action='store_true', default=None, help='as byol.py, when --pretrained '
       'is omitted (default: on for images <= 64 px)')
-    a('--image-size', type=int, default=None, help='crop size (default: 224, or the images\' '
-      'shorter side if smaller)')
+    a('--image-size', type=int, default=None, help=image_size_help)
+
+
+def append_result(output_dir, results):
+    """One JSON line appended to <output_dir>/results.jsonl (rank 0), so runs can be tabulated."""
+    if byol.is_main():
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+        with open(Path(output_dir) / 'results.jsonl', 'a') as f:
+            f.write(json.dumps(results) + '\n')
+
+
+def get_parser():
+    p = byol.ArgumentParser(prog='linear_eval.py', description='Linear evaluation of a frozen '
+                            'encoder (BYOL paper, appendix C.1).')
+    a = p.add_argument
+    add_data_arguments(p)
+    add_encoder_arguments(p)
     a('--batch-size', type=int, default=1024, help='global batch (paper: 1024)')
     a('--epochs', type=int, default=80, help='paper: 80')
     a('--lr', type=float, nargs='+', default=LR_GRID, help='lr grid, selected on the held-out '
@@ -286,11 +307,7 @@ def run(args):
     log(f'lr {args.lr[best]} (held-out top-1 {holdout_top1[best]:.2f}%): val top-1 '
         f'{results["top1"]:.2f}%, top-5 {results["top5"]:.2f}%'
         + (f', kNN top-1 {results["knn_top1"]:.2f}%' if 'knn_top1' in results else ''))
-    if byol.is_main():
-        out = Path(args.output_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        with open(out / 'results.jsonl', 'a') as f:
-            f.write(json.dumps(results) + '\n')
+    append_result(args.output_dir, results)
     return results
 
 

@@ -58,24 +58,13 @@ def get_parser():
     p = byol.ArgumentParser(prog='semi_sup.py', description='Fine-tuning on a labelled subset '
                             '(BYOL paper, section 4.1 and appendix C.1).')
     a = p.add_argument
-    a('--data', required=True, help='as byol.py: an image folder with train/ and val/, or one of '
-      + ', '.join(byol.NAMED_DATASETS))
-    a('--data-root', default='data', help='where named datasets live (default: ./data)')
-    a('--download', action='store_true', help='download a named dataset if it is missing')
+    linear_eval.add_data_arguments(p)
     a('--subset', required=True, help='the labelled images: 1percent or 10percent (the official '
       'ImageNet lists), a FILE of file names, or a FRACTION in (0, 1] (class-balanced, seeded)')
     a('--subset-dir', default=str(Path(__file__).resolve().parent / 'imagenet_subsets'),
       help='where 1percent.txt and 10percent.txt are (default: imagenet_subsets/ beside this '
       'script)')
-    a('--pretrained', default=None, help='byol.py checkpoint.pth or exported encoder.pth; '
-      'omitted: train from random initialisation (the paper\'s supervised baseline)')
-    a('--arch', default=None, choices=byol.ARCHS, help='encoder when --pretrained is omitted '
-      '(default resnet50); with --pretrained it is read from the checkpoint')
-    a('--width', type=int, default=None, help='as byol.py, when --pretrained is omitted')
-    a('--small-images', action='store_true', default=None, help='as byol.py, when --pretrained '
-      'is omitted (default: on for images <= 64 px)')
-    a('--image-size', type=int, default=None, help='crop size (default: 224, or the images\' '
-      'shorter side if smaller)')
+    linear_eval.add_encoder_arguments(p)  # omitted --pretrained: the supervised baseline
     a('--batch-size', type=int, default=None, help=f'global batch (paper: {PAPER_BATCH}; by '
       f'default halved, with a warning, until an epoch has {MIN_STEPS_PER_EPOCH} steps)')
     a('--lr', type=float, nargs='+', default=LR_GRID, help='lr grid (paper: '
@@ -326,11 +315,7 @@ def run(args):
                    time_s=round(time.time() - start, 1))
     log(f'lr {lr} x {epochs} epochs (held-out top-1 {holdout_top1[best]:.2f}%): val top-1 '
         f'{top1:.2f}%, top-5 {top5:.2f}%; the encoder moved by {100 * encoder_change:.1f}%')
-    if byol.is_main():
-        out = Path(args.output_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        with open(out / 'results.jsonl', 'a') as f:
-            f.write(json.dumps(results) + '\n')
+    linear_eval.append_result(args.output_dir, results)
     return results
 
 

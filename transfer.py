@@ -111,18 +111,12 @@ def get_parser():
       'paper\'s order; absent ones are skipped')
     a('--data-root', default='data', help='where the datasets live (default: ./data)')
     a('--download', action='store_true', help='let torchvision download a missing dataset')
-    a('--pretrained', default=None, help='byol.py checkpoint.pth or exported encoder.pth; '
-      'omitted: a randomly initialised encoder (baseline)')
-    a('--arch', default=None, choices=byol.ARCHS, help='encoder when --pretrained is omitted '
-      '(default resnet50)')
-    a('--width', type=int, default=None, help='as byol.py, when --pretrained is omitted')
-    a('--small-images', action='store_true', default=None, help='as byol.py, when --pretrained '
-      'is omitted')
     a('--protocol', choices=('linear', 'finetune'), default='linear', help='paper: both')
     a('--metric', choices=tuple(METRIC_NAMES), default=None, help='override the dataset\'s '
       'metric (for --dataset folder)')
-    a('--image-size', type=int, default=None, help='input side (paper: 224; default: 224, or the '
-      'pretraining size of a byol.py checkpoint trained on smaller images)')
+    linear_eval.add_encoder_arguments(p, 'input side (paper: 224; default: 224, or the '
+                                      'pretraining size of a byol.py checkpoint trained on '
+                                      'smaller images)')
     a('--l2', type=float, nargs='+', default=L2_GRID, help='linear: the l2 penalties to choose '
       'from (paper: 45 log-spaced values in [1e-6, 1e5])')
     a('--max-iter', type=int, default=1000, help='linear: L-BFGS iterations per penalty')
