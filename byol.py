@@ -688,12 +688,12 @@ class EpochSampler(torch.utils.data.DistributedSampler):
 
 def images_in_memory(images):
     """All images as one uint8 tensor (N, 3, H, W) if they fit (a named dataset, or a folder of
-    at most MAX_IN_MEMORY images of one size), else None."""
+    at most MAX_IN_MEMORY images of one size and 8 GiB in all), else None."""
     if isinstance(images, ArrayImages):
         return images.data
-    if len(images) > MAX_IN_MEMORY:
-        return None
     first = images.load(0).shape
+    if len(images) > MAX_IN_MEMORY or len(images) * first.numel() > 8 * 2 ** 30:  # 8 GiB
+        return None
     data = torch.empty(len(images), *first, dtype=torch.uint8)
     for i in range(len(images)):
         image = load_or_skip(images, i)
