@@ -162,13 +162,12 @@ def _bicubic_matrix(start, length, in_size, size):
     x = (j[None] + 0.5) * (length[:, None].double() / size) - 0.5        # (B, size)
     base = x.floor()
     t = (x - base)[..., None]                                            # (B, size, 1)
-    d = torch.tensor([1.0, 0.0, 1.0, 2.0], device=start.device, dtype=torch.float64)
-    d = (t + d * torch.tensor([1.0, -1.0, -1.0, -1.0], device=start.device,
-                              dtype=torch.float64)).abs()                # distances to the taps
+    offsets = torch.arange(-1, 3, device=start.device)                   # the four taps
+    d = (t - offsets).abs()                                              # distances to them
     a = -0.75
     weight = torch.where(d <= 1, ((a + 2) * d - (a + 3)) * d * d + 1,
                          ((a * d - 5 * a) * d + 8 * a) * d - 4 * a)     # (B, size, 4)
-    taps = base[..., None].long() + torch.arange(-1, 3, device=start.device)
+    taps = base[..., None].long() + offsets
     taps = torch.minimum(taps.clamp_min(0), length[:, None, None] - 1) + start[:, None, None]
     matrix = torch.zeros(len(start), size, in_size, device=start.device, dtype=torch.float64)
     return matrix.scatter_add_(2, taps, weight).float()

@@ -592,20 +592,30 @@ class Crops(torch.utils.data.Dataset):
     def __getitems__(self, keys):  # the DataLoader asks for whole batches through this
         epochs, indices = (torch.tensor(k) for k in zip(*keys))
         u = augment.uniforms(self.seed, epochs, indices, self.n_views)  # (b, V, N_SLOTS)
-        images = [load_or_skip(self.images, i) for i in indices.tolist()]
-        heights, widths = torch.tensor([image.shape[-2:] for image in images]).T
-        boxes = torch.stack([augment.crop_boxes(u[:, v], heights, widths) if self.random else
-                             torch.tensor([augment.center_crop_box(h, w, self.center_fraction)
-                                           for h, w in zip(heights.tolist(), widths.tolist())])
-                             for v in range(self.n_views)], dim=1)  # (b, V, 4)
-        crops = torch.stack([torch.stack([augment.resized_crop(image, box.tolist(), self.size)
-                                          for box in image_boxes])
-                             for image, image_boxes in zip(images, boxes)])
         labels = torch.tensor([self.images.labels[i] for i in indices.tolist()])
-        return crops, u, labels, indices
+        return self.crops(indices.tolist(), u), u, labels, indices
+
+    def crops(self, indices, u):
+        images = [load_or_skip(self.images, i) for i in indices]
+        return crop_images(images, u, self.size, None if self.random else self.center_fraction)
 
     def __getitem__(self, key):
         return tuple(t[0] for t in self.__getitems__([key]))
+
+
+def crop_images(images, u, size, center_fraction=None):
+    """Uint8 images (3, H, W) of any sizes -> crops (b, V, 3, S, S) uint8: the random resized
+    crops of uniforms u (b, V, N_SLOTS), or, given center_fraction, centre crops."""
+    heights, widths = torch.tensor([image.shape[-2:] for image in images]).T
+    if center_fraction is None:
+        boxes = [augment.crop_boxes(u[:, v].cpu(), heights, widths) for v in range(u.shape[1])]
+    else:
+        boxes = [torch.tensor([augment.center_crop_box(h, w, center_fraction)
+                               for h, w in zip(heights.tolist(), widths.tolist())])] * u.shape[1]
+    boxes = torch.stack(boxes, dim=1)  # (b, V, 4)
+    return torch.stack([torch.stack([augment.resized_crop(image, box.tolist(), size)
+                                     for box in image_boxes])
+                        for image, image_boxes in zip(images, boxes)])
 
 
 def two_views(crops, u):
@@ -620,12 +630,8 @@ class EncodedCrops(Crops):
     and cropping happen on the device -> (file bytes [b], uniforms (b, V, N_SLOTS), labels,
     indices). The uniforms, hence the crops, are those of Crops."""
 
-    def __getitems__(self, keys):
-        epochs, indices = (torch.tensor(k) for k in zip(*keys))
-        u = augment.uniforms(self.seed, epochs, indices, self.n_views)
-        files = [torchvision.io.read_file(self.images.name(i)) for i in indices.tolist()]
-        labels = torch.tensor([self.images.labels[i] for i in indices.tolist()])
-        return files, u, labels, indices
+    def crops(self, indices, u):
+        return [torchvision.io.read_file(self.images.name(i)) for i in indices]
 
 
 def decode_crops(files, u, size, device, names=None):
@@ -646,12 +652,7 @@ def decode_crops(files, u, size, device, names=None):
                 images.append(None)
         images = [image if image is not None else next(x for x in images if x is not None)
                   for image in images]
-    heights, widths = torch.tensor([image.shape[-2:] for image in images]).T
-    boxes = torch.stack([augment.crop_boxes(u[:, v].cpu(), heights, widths) for v in range(2)],
-                        dim=1)  # (b, 2, 4)
-    return torch.stack([torch.stack([augment.resized_crop(image, box.tolist(), size)
-                                     for box in image_boxes])
-                        for image, image_boxes in zip(images, boxes)])
+    return crop_images(images, u, size)
 
 
 def views_in_loader(batch):
