@@ -767,6 +767,14 @@ def extract_features(encoder, loader, device, amp='none'):
     return out, out_labels
 
 
+def centre_crop_features(model, images, size, batch_size, workers, device, amp='none',
+                         center_fraction=0.875):
+    """extract_features over centre crops of an image source (the evaluation scripts' inputs)."""
+    crops = Crops(images, size, n_views=1, random=False, center_fraction=center_fraction)
+    loader = make_loader(crops, batch_size, workers, False, 0, device)
+    return extract_features(model, loader, device, amp)
+
+
 def _all_gather(t):
     gathered = [torch.empty_like(t) for _ in range(world_size())]
     dist.all_gather(gathered, t)

@@ -258,9 +258,8 @@ def run(args):
         f'{args.epochs} epochs, lr grid {list(args.lr)}')
 
     def features(images):  # frozen features of centre crops, gathered over processes
-        loader = byol.make_loader(byol.Crops(images, size, n_views=1, random=False),
-                                  args.batch_size // world, workers, False, args.seed, device)
-        return byol.extract_features(encoder, loader, device, amp)
+        return byol.centre_crop_features(encoder, images, size, args.batch_size // world,
+                                         workers, device, amp)
 
     torch.manual_seed(args.seed)
     heads = Heads(feature_dim, n_classes, len(args.lr)).to(device)

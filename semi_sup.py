@@ -268,10 +268,9 @@ def run(args):
 
     batches = linear_eval.augmented_batches(loader, device)
 
-    def eval_loader(images):  # centre crops
-        return byol.make_loader(byol.Crops(images, size, n_views=1, random=False),
-                                batch // world, workers, False, args.seed, device)
-    holdout_loader = eval_loader(holdout_set)
+    def eval_logits(images):  # (N, C) on centre crops, BN in eval mode, gathered
+        return byol.centre_crop_features(net, images, size, batch // world, workers, device,
+                                         amp)
 
     # The grid: each setting fine-tunes from the same start; the best on the held-out images
     # so far is kept.
@@ -284,7 +283,7 @@ def run(args):
         linear_eval.fit(lambda x: model(x)[None], optimizer, batches, epochs, len(loader),
                         device, amp, name=f'lr {lr} x {epochs} ep')
         # (N, C) logits, BN in eval mode (running statistics), gathered over processes
-        z, held_out_labels = byol.extract_features(net, holdout_loader, device, amp)
+        z, held_out_labels = eval_logits(holdout_set)
         held_out_logits.append(z)
         best, holdout_top1 = linear_eval.select(torch.stack(held_out_logits), held_out_labels,
                                                 grid[:i + 1])
@@ -298,7 +297,7 @@ def run(args):
 
     # The chosen network on the validation images.
     net.load_state_dict(best_state)
-    val_logits, val_labels = byol.extract_features(net, eval_loader(val_images), device, amp)
+    val_logits, val_labels = eval_logits(val_images)
     top1, top5 = byol.topk_accuracy(val_logits, val_labels)
     # How far fine-tuning moved the encoder: ||theta - theta_0|| / ||theta_0|| (0: it was frozen).
     moved = [(p.detach(), initial[f'encoder.{name}']) for name, p in net.encoder.named_parameters()]

@@ -558,10 +558,8 @@ def linear_protocol(args, splits, metric, encoder, size, device, amp, workers):
         # UNCONFIRMED (SPEC.md section 6): the paper resizes the shorter side to 224 and does
         # not say whether a centre crop follows; we take it (SimCLR's description of the same
         # protocol has one, and it keeps batches of one shape): the whole centred square.
-        centre = byol.Crops(images, size, n_views=1, random=False, center_fraction=1.0)
-        loader = byol.make_loader(centre, args.batch_size, workers, False,
-                                  args.seed, device)
-        return byol.extract_features(encoder, loader, device, amp)[0]
+        return byol.centre_crop_features(encoder, images, size, args.batch_size, workers,
+                                         device, amp, center_fraction=1.0)[0]
 
     start = time.time()
     x = {k: features(s.images) for k, s in splits.items()}
@@ -632,9 +630,8 @@ def finetune(args, encoder, feature_dim, train, evaluate, metric, lr, wd, size, 
     batches.close()  # ends the loader's epoch (and its worker processes) now, not at exit
     results = {}
     for name, split in evaluate.items():
-        eval_loader = byol.make_loader(byol.Crops(split.images, size, n_views=1, random=False),
-                                       args.batch_size, workers, False, args.seed, device)
-        scores = byol.extract_features(model, eval_loader, device, amp)[0]
+        scores = byol.centre_crop_features(model, split.images, size, args.batch_size, workers,
+                                           device, amp)[0]
         results[name] = metric(scores, split.targets.to(device))
     return results
 
