@@ -735,9 +735,11 @@ def test_linear_eval_bad_inputs_give_one_line_errors(image_folder, tiny_checkpoi
 # ------------------------------------------------------------------------------------------------
 # Learning on real data: CIFAR-10 as an image folder (../shared/data/cifar10)
 # ------------------------------------------------------------------------------------------------
-# About 60-90 s of CPU: convnet of width 16, one epoch of batch 128 (390 steps). Short CPU runs
-# need a larger base lr than the 1000-epoch preset (the official imagenette example uses 2.0).
-CIFAR_BYOL = ['--arch', 'convnet', '--width', '16', '--batch-size', '128', '--epochs', '1',
+# About 4-5 min of CPU: convnet of width 16, five epochs of batch 128 (1,950 steps). One epoch
+# (1 min) already beats random init in a linear probe, but fine-tuning from it does not beat
+# fine-tuning from random init; five do (see the semi-supervised test). Short CPU runs need a
+# larger base lr than the 1000-epoch preset (the official imagenette example uses 2.0).
+CIFAR_BYOL = ['--arch', 'convnet', '--width', '16', '--batch-size', '128', '--epochs', '5',
               '--lr', '4.0', '--tau', '0.99', '--warmup-epochs', '0.1', '--hidden-dim', '512',
               '--projection-dim', '128', '--workers', '0', '--log-every', '30', '--seed', '0']
 
@@ -1090,18 +1092,20 @@ def test_two_processes_draw_the_same_subset(image_folder, tmp_path):
 @needs_cifar10
 def test_byol_init_beats_random_init_with_ten_percent_of_labels(cifar_byol, tmp_path):
     out, _ = cifar_byol
-    # 5,000 labelled images (500 per class), 500 held out; one setting of the grid, few epochs.
-    args = ['--data', CIFAR10, '--subset', '0.1', '--lr', '0.05', '--epochs', '4',
-            '--val-images', '2000', '--workers', '0', '--output-dir', tmp_path]
+    # 5,000 labelled images (500 per class), 500 of them held out to choose between two lrs;
+    # 4 epochs of fine-tuning (the paper's 30 or 50 let random init catch up with an encoder of
+    # minutes: see semi_sup.py's docstring); all 10,000 validation images.
+    args = ['--data', CIFAR10, '--subset', '0.1', '--lr', '0.1', '0.2', '--epochs', '4',
+            '--workers', '0', '--output-dir', tmp_path]
     tuned = semi_sup.main(list(map(str, args + ['--pretrained', out / 'checkpoint.pth'])))
     scratch = semi_sup.main(list(map(str, args + ['--arch', 'convnet', '--width', '16'])))
-    print(f'10% of CIFAR-10 labels: random init {scratch["top1"]:.2f}%, '
+    print(f'10% of CIFAR-10 labels, 4 epochs: random init {scratch["top1"]:.2f}%, '
           f'BYOL {tuned["top1"]:.2f}%')
-    assert (tuned['labelled_images'], tuned['train_images'], tuned['batch_size']) == \
-        (5000, 4500, 256)
-    # Measured (2,000 val images): BYOL 41.75% vs random 40.60% at lr 0.05 x 4 epochs, but 42.65%
-    # vs 43.95% at lr 0.1: the one-epoch BYOL encoder's lead is within noise after fine-tuning.
-    assert tuned['top1'] > scratch['top1'], (tuned, scratch)
+    assert (tuned['labelled_images'], tuned['train_images'], tuned['batch_size'],
+            tuned['val_images']) == (5000, 4500, 256, 10000)
+    # Measured with this encoder: 46.99% vs 43.21% (lr 0.1 chosen by both); with --seed 1,
+    # 47.53% vs 45.77%.
+    assert tuned['top1'] >= scratch['top1'] + 1.5, (tuned, scratch)
 
 
 # ------------------------------------------------------------------------------------------------

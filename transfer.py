@@ -32,7 +32,7 @@ Measured (2 shared CPU cores, linear protocol, CIFAR-10 JPEG folder ../shared/da
     python transfer.py --dataset cifar10 --data-root ../shared/data --arch convnet --width 16
         random init: top-1 45.6% (l2 chosen 3.2e-3), 76 CPU-seconds in all
     python transfer.py --dataset cifar10 --data-root ../shared/data \
-        --pretrained runs/byol/checkpoint.pth        # the 1-epoch CPU BYOL of test_byol.py
+        --pretrained runs/byol/checkpoint.pth        # a 1-epoch CPU BYOL (the quick start)
         BYOL: top-1 48.3% (l2 chosen 5.6e-2), 71 CPU-seconds in all
 """
 import bisect
