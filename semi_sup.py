@@ -25,7 +25,8 @@ Commands
     torchrun --nproc_per_node=8 semi_sup.py --data /imagenet --pretrained runs/r50/encoder.pth \
         --subset 10percent                                                     # paper protocol
   Omit --pretrained (give --arch) for the supervised baseline. Results are appended to
-  <output-dir>/results.jsonl.
+  <output-dir>/results.jsonl. The grid's progress is saved after every setting: the same
+  command, run again, continues with the next setting.
 
 Measured (CIFAR-10 JPEG folder, 2 CPU cores; all 10,000 validation images; BYOL encoder:
 test_byol.py's convnet of width 16 after 5 epochs, ~4.5 CPU-minutes; random init: the same
@@ -39,6 +40,7 @@ architecture and seed; lr grid 0.05 0.1 0.2, chosen on the held-out labelled ima
   paper's regime (a 1000-epoch ResNet-50 far above its supervised 10% baseline) needs a GPU.
 """
 import copy
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -204,6 +206,26 @@ def default_batch_size(n_train, world):
 # ------------------------------------------------------------------------------------------------
 
 
+def grid_progress(args, batch, world):
+    """(path, state) of the grid's saved progress in --output-dir: the held-out top-1 of every
+    finished setting, the best one and its weights. The file's name holds a hash of every
+    setting that changes the results, so that different runs sharing a folder never mix."""
+    settings = {k: v for k, v in vars(args).items() if k not in ('workers', 'output_dir')}
+    if args.pretrained:  # a checkpoint rewritten in place is another start
+        stat = Path(args.pretrained).stat()
+        settings['pretrained_file'] = [stat.st_size, stat.st_mtime_ns]
+    key = json.dumps(dict(settings, batch=batch, world=world), sort_keys=True)
+    path = Path(args.output_dir) / f'grid_{hashlib.sha1(key.encode()).hexdigest()[:12]}.pth'
+    if path.exists():
+        state = byol.load_file(path, 'grid progress file')
+        if state.get('key') != key:
+            raise UserError(f'{path} belongs to another run; delete it to start this one afresh')
+        return path, state
+    if byol.is_main():
+        path.parent.mkdir(parents=True, exist_ok=True)
+    return path, dict(key=key, holdout_top1=[], best=None, best_state=None)
+
+
 def main(argv=None):
     return byol.run_cli('semi_sup.py', run, get_parser(), argv)
 
@@ -276,10 +298,16 @@ def run(args):
         return byol.centre_crop_features(net, images, size, batch // world, workers, device,
                                          amp)
 
-    # The grid: each setting fine-tunes from the same start; the best on the held-out images
-    # so far is kept.
-    held_out_logits, best_state, done = [], None, 0
-    for i, (lr, epochs) in enumerate(grid):
+    # The grid: each setting fine-tunes from the same start (its crops and order depend only on
+    # the seed and the epoch), so settings are independent and a rerun can skip the finished
+    # ones. The best on the held-out images so far is kept, the first of equals.
+    state_path, grid_state = grid_progress(args, batch, world)
+    holdout_top1, best, best_state = (grid_state['holdout_top1'], grid_state['best'],
+                                      grid_state['best_state'])
+    if holdout_top1:
+        log(f'resuming the grid at setting {len(holdout_top1) + 1}/{len(grid)} from {state_path}')
+    start_setting, setting_start = len(holdout_top1), time.time()
+    for i, (lr, epochs) in enumerate(grid[start_setting:], start_setting):
         net.load_state_dict(initial)
         net.train()
         optimizer = linear_eval.nesterov_sgd([dict(params=net.parameters(), base_lr=lr)])
@@ -287,14 +315,15 @@ def run(args):
         linear_eval.fit(lambda x: model(x)[None], optimizer, batches, epochs, len(loader),
                         device, amp, name=f'lr {lr} x {epochs} ep')
         # (N, C) logits, BN in eval mode (running statistics), gathered over processes
-        z, held_out_labels = eval_logits(holdout_set)
-        held_out_logits.append(z)
-        best, holdout_top1 = linear_eval.select(torch.stack(held_out_logits), held_out_labels,
-                                                grid[:i + 1])
-        if best == i:
+        holdout_top1.append(byol.topk_accuracy(*eval_logits(holdout_set), ks=(1,))[0])
+        if best is None or holdout_top1[i] > holdout_top1[best]:
+            best = i
             best_state = {k: v.detach().to('cpu', copy=True) for k, v in net.state_dict().items()}
-        done += epochs
-        eta = (time.time() - start) / done * sum(e for _, e in grid[i + 1:])
+        if byol.is_main():
+            byol.save_atomic(dict(key=grid_state['key'], holdout_top1=holdout_top1, best=best,
+                                  best_state=best_state), state_path)
+        done = sum(e for _, e in grid[start_setting:i + 1])
+        eta = (time.time() - setting_start) / done * sum(e for _, e in grid[i + 1:])
         log(f'setting {i + 1}/{len(grid)}: lr {lr} x {epochs} epochs: held-out top-1 '
             f'{holdout_top1[i]:.2f}% (best so far: lr {grid[best][0]} x {grid[best][1]}) | '
             f'grid eta {byol.format_time(eta)}')
@@ -319,6 +348,8 @@ def run(args):
     log(f'lr {lr} x {epochs} epochs (held-out top-1 {holdout_top1[best]:.2f}%): val top-1 '
         f'{top1:.2f}%, top-5 {top5:.2f}%; the encoder moved by {100 * encoder_change:.1f}%')
     linear_eval.append_result(args.output_dir, results)
+    if byol.is_main():
+        state_path.unlink()  # the grid is done: its result is in results.jsonl
     return results
 
 

@@ -1059,6 +1059,41 @@ def test_grid_selection_subset_file_and_results(image_folder, tmp_path, capsys):
     assert again['holdout_top1'] == held_out and again['top1'] == results['top1']
 
 
+def test_an_interrupted_grid_continues_with_the_next_setting(image_folder, tmp_path,
+                                                            monkeypatch):
+    args = ['--data', image_folder, '--subset', '0.5', *TINY_FT, '--lr', '0.0', '0.1',
+            '--epochs', '1', '2']
+    whole = semi_sup.main(list(map(str, args + ['--output-dir', tmp_path / 'whole'])))
+    assert not list((tmp_path / 'whole').glob('grid_*.pth'))  # removed once the grid is done
+    fit, settings = linear_eval.fit, []
+
+    def fit_until_the_third_setting(*a, name, **k):
+        settings.append(name)
+        if len(settings) == 3:
+            raise KeyboardInterrupt  # killed during the third setting
+        return fit(*a, name=name, **k)
+
+    monkeypatch.setattr(linear_eval, 'fit', fit_until_the_third_setting)
+    out = tmp_path / 'resumed'
+    with pytest.raises(KeyboardInterrupt):
+        semi_sup.main(list(map(str, args + ['--output-dir', out])))
+    saved, = out.glob('grid_*.pth')
+    assert torch.load(saved)['holdout_top1'] == list(whole['holdout_top1'].values())[:2]
+    # another run in the same folder neither uses nor touches it
+    settings.clear()
+    other = semi_sup.main(list(map(str, args[:-3] + ['--epochs', '1', '--output-dir', out])))
+    assert settings == ['lr 0.0 x 1 ep', 'lr 0.1 x 1 ep'] and saved.exists()
+    # the same command again: only the two settings left, and the uninterrupted run's result
+    settings.clear()
+    resumed = semi_sup.main(list(map(str, args + ['--output-dir', out])))
+    assert settings == ['lr 0.0 x 2 ep', 'lr 0.1 x 2 ep'] and not saved.exists()
+    assert resumed['holdout_top1'] == whole['holdout_top1']
+    assert (resumed['lr'], resumed['epochs'], resumed['top1'], resumed['top5']) == \
+        (whole['lr'], whole['epochs'], whole['top1'], whole['top5'])
+    assert other['holdout_top1'] == {k: v for k, v in whole['holdout_top1'].items()
+                                     if k.endswith('x1')}
+
+
 def test_the_whole_network_trains(image_folder, tmp_path):
     args = ['--data', image_folder, '--subset', '0.5', *TINY_FT, '--epochs', '1',
             '--output-dir', tmp_path]
