@@ -7,7 +7,9 @@ momentum 0.9, batch 1024, no weight decay, cosine lr, random resized crop + flip
 evaluation. The lr x epochs grid {0.005, 0.01, 0.02, 0.05, 0.1} x {30, 50} is selected on a held-out
 part of the labelled subset; the chosen network is reported on the validation split (top-1,
 top-5). Without --pretrained the same protocol trains from random initialisation: the paper's
-"Supervised" baseline.
+"Supervised" baseline. The grid's lrs are used as given, at any batch. The official evaluation
+code multiplies its lr by batch / 256; if the paper's grid was before that scaling (SPEC.md calls
+this unconfirmed), its lrs at batch 1024 were 4x these: --lr 0.02 0.04 0.08 0.2 0.4.
 
 Labelled subsets (--subset)
     1percent, 10percent  the official ImageNet lists (12,811 and 128,116 file names, e.g.
