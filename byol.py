@@ -499,6 +499,11 @@ class ArrayImages:
         return self.data[i]
 
 
+def random_indices(n, k, seed):
+    """k of range(n), drawn by a seeded permutation, in increasing order (quick-run subsets)."""
+    return sorted(torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:k].tolist())
+
+
 class Subset:
     """Some of an image source's images, by index."""
 
@@ -562,6 +567,11 @@ def load_images(data, data_root='data', download=False, split='train'):
     return images
 
 
+def warn_unreadable(name, error):
+    print(f'warning: skipping unreadable image {name}: {str(error).strip()[:200]}',
+          file=sys.stderr, flush=True)
+
+
 def load_or_skip(images, i):
     """Image i, or, if it cannot be read, the next readable one (with a warning naming it)."""
     for j in range(i, i + 100):
@@ -569,8 +579,7 @@ def load_or_skip(images, i):
         try:
             return images.load(j)
         except Exception as e:
-            print(f'warning: skipping unreadable image {images.name(j)}: '
-                  f'{str(e).strip()[:200]}', file=sys.stderr, flush=True)
+            warn_unreadable(images.name(j), e)
     raise RuntimeError(f'100 unreadable images in a row from {images.name(i)}')
 
 
@@ -647,8 +656,7 @@ def decode_crops(files, u, size, device, names=None):
             try:
                 images.append(torchvision.io.decode_image(data, mode=mode).to(device))
             except RuntimeError as e:
-                print(f'warning: skipping unreadable image {names[i] if names else i}: '
-                      f'{str(e).strip()[:200]}', file=sys.stderr, flush=True)
+                warn_unreadable(names[i] if names else i, e)
                 images.append(None)
         images = [image if image is not None else next(x for x in images if x is not None)
                   for image in images]
@@ -1088,9 +1096,8 @@ def make_eval_loaders(args, train_images, device):
     """Labelled loaders for the kNN monitor: (train memory bank, test split), centre crops."""
     test_images = load_images(args.data, args.data_root, args.download, 'val')
     if args.eval_train_images and args.eval_train_images < len(train_images):
-        keep = torch.randperm(len(train_images), generator=torch.Generator().manual_seed(
-            args.seed))[:args.eval_train_images].tolist()
-        train_images = Subset(train_images, keep)
+        train_images = Subset(train_images, random_indices(len(train_images),
+                                                           args.eval_train_images, args.seed))
     return [make_loader(Crops(images, args.image_size, n_views=1, random=False), 256,
                         args.workers, False, args.seed, device)
             for images in (train_images, test_images)]

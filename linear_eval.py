@@ -85,8 +85,7 @@ def get_parser():
     a('--train-images', type=int, default=0, help='train on this many training images (a seeded '
       'random subset; 0: all)')
     a('--cached', action=argparse.BooleanOptionalAction, default=None,
-      help='train on cached centre-crop '
-      'features (default: on below 200k training images)')
+      help='train on cached centre-crop features (default: on below 200k training images)')
     a('--workers', type=int, default=None, help='data-loader processes per process')
     a('--amp', choices=('bf16', 'fp16', 'none'), default=None, help='as byol.py')
     a('--seed', type=int, default=0, help='seeds the held-out split, the order and the heads')
@@ -126,14 +125,16 @@ class Classifier(nn.Module):
         return self.head(self.encoder(x))
 
 
-def augmented_batches(loader, device):
+def augmented_batches(loader, device, targets=None):
     """batches(epoch) for fit from a loader of random crops (byol.Crops, random=True): flipped,
-    normalised images (B, 3, S, S) and labels, on the device (linear evaluation's augmentation)."""
+    normalised images (B, 3, S, S) and their labels, or their rows of `targets` (indexed by
+    image, on the device), on the device (linear evaluation's augmentation)."""
     def batches(epoch):
         loader.sampler.set_epoch(epoch)
-        for crops, u, labels, _ in loader:
+        for crops, u, labels, index in loader:
             yield (augment.eval_batch(crops[:, 0].to(device, non_blocking=True),
-                                      u[:, 0].to(device)), labels.to(device))
+                                      u[:, 0].to(device)),
+                   labels.to(device) if targets is None else targets[index.to(device)])
     return batches
 
 

@@ -257,9 +257,8 @@ def run(args):
     train_set = byol.Subset(train_images, [labelled[i] for i in train_pos])
     holdout_set = byol.Subset(train_images, [labelled[i] for i in holdout_pos])
     if args.val_images and args.val_images < len(val_images):
-        keep = torch.randperm(len(val_images), generator=torch.Generator().manual_seed(
-            args.seed))[:args.val_images].sort().values.tolist()
-        val_images = byol.Subset(val_images, keep)
+        val_images = byol.Subset(val_images, byol.random_indices(len(val_images),
+                                                                 args.val_images, args.seed))
     batch = args.batch_size or default_batch_size(len(train_set), world)
     if batch % world:
         raise UserError(f'--batch-size {batch} does not divide over {world} processes')

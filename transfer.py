@@ -50,7 +50,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
-import augment
 import byol
 import linear_eval
 from byol import UserError, log
@@ -610,15 +609,12 @@ def finetune(args, encoder, feature_dim, train, evaluate, metric, lr, wd, size, 
     loader = byol.make_loader(byol.Crops(train.images, size, n_views=1, random=True,
                                          seed=args.seed), args.batch_size, workers, True,
                               args.seed, device)
-    targets = training_targets(train.targets).to(device)
+    epoch_batches = linear_eval.augmented_batches(loader, device,
+                                                  training_targets(train.targets).to(device))
 
     def stream():  # batches of augmented views, epoch after epoch
         for epoch in itertools.count():
-            loader.sampler.set_epoch(epoch)
-            for crops, u, _, index in loader:
-                x = augment.eval_batch(crops[:, 0].to(device, non_blocking=True),
-                                       u[:, 0].to(device))  # flip, normalise
-                yield x, targets[index.to(device)]
+            yield from epoch_batches(epoch)
     # fit() runs 'epochs' of steps_per_epoch steps: chunks of the stream, so that exactly
     # --steps steps run and the cosine reaches 0 at the last one.
     chunk = max(d for d in range(1, min(steps_per_epoch, args.steps) + 1) if args.steps % d == 0)
@@ -671,9 +667,8 @@ def evaluate_dataset(args, name, device, amp, workers):
     start = time.time()
     splits = load_dataset(name, args.data_root, args.download, args.seed)
     if args.train_images and args.train_images < len(splits['train'].images):
-        keep = torch.randperm(len(splits['train'].images), generator=torch.Generator().manual_seed(
-            args.seed))[:args.train_images].sort().values.tolist()
-        splits['train'] = subset(splits['train'], keep)
+        splits['train'] = subset(splits['train'], byol.random_indices(
+            len(splits['train'].images), args.train_images, args.seed))
     metric_name = args.metric or (DATASETS[name].metric if name in DATASETS else 'top1')
     if metric_name == 'map11' and splits['train'].targets.dim() == 1:
         raise UserError('--metric map11 needs multi-label targets (VOC2007)')
