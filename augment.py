@@ -143,39 +143,43 @@ def center_crop_box(height, width, fraction=0.875):
 
 
 def resized_crop(image, box, size):
-    """Crop box (top, left, h, w) out of a uint8 image (C, H, W) and resize it to size x size with
-    bicubic interpolation and no antialiasing (as TF's resize in the official code) -> uint8."""
+    """Crop box (top, left, h, w) out of a uint8 image (C, H, W) and resize it to size x size as
+    TF's bicubic resize in the official pipeline -> uint8 (resized_crops for one image)."""
     top, left, h, w = box
-    crop = image[None, :, top:top + h, left:left + w].float()
-    # DEVIATION: torch's bicubic uses the cubic coefficient a = -0.75, TF's a = -0.5; and the crop
-    # is rounded to uint8 here (error <= 0.5/255) so that loaders ship 4x fewer bytes.
-    crop = F.interpolate(crop, size=(size, size), mode='bicubic', align_corners=False)
-    return crop[0].round_().clamp_(0, 255).to(torch.uint8)
+    crop = image[None, :, top:top + h, left:left + w]
+    return resized_crops(crop, torch.tensor([[0, 0, h, w]]), size)[0]
 
 
 def _bicubic_matrix(start, length, in_size, size):
     """(B, size, in_size) matrices that resample rows [start, start + length) of each image to
-    `size` rows exactly as F.interpolate(mode='bicubic', align_corners=False) resamples the crop:
-    taps at floor(x) - 1 .. floor(x) + 2 of x = (j + 0.5) length / size - 0.5, cubic convolution
-    with a = -0.75, indices clamped to the crop."""
-    j = torch.arange(size, device=start.device, dtype=torch.float64)
-    x = (j[None] + 0.5) * (length[:, None].double() / size) - 0.5        # (B, size)
+    `size` rows as TF's bicubic resize (tf.image.resize, antialias off, as the official code):
+    half-pixel centres x = (j + 0.5) length / size - 0.5; Keys' cubic convolution (a = -0.5) on
+    the taps floor(x) - 1 .. floor(x) + 2, with x's fraction rounded to 1/1024 (TF's table of
+    coefficients); taps outside the crop get weight 0 and the others are renormalised to sum 1.
+    In float32, as TF computes the sample positions."""
+    j = torch.arange(size, device=start.device, dtype=torch.float32)
+    x = (j[None] + 0.5) * (length[:, None].float() / size) - 0.5        # (B, size)
     base = x.floor()
-    t = (x - base)[..., None]                                            # (B, size, 1)
-    offsets = torch.arange(-1, 3, device=start.device)                   # the four taps
-    d = (t - offsets).abs()                                              # distances to them
-    a = -0.75
+    t = ((x - base) * 1024).round()[..., None].double() / 1024          # (B, size, 1)
+    offsets = torch.arange(-1, 3, device=start.device)                  # the four taps
+    d = (t - offsets).abs()                                             # distances to them
+    a = -0.5
     weight = torch.where(d <= 1, ((a + 2) * d - (a + 3)) * d * d + 1,
                          ((a * d - 5 * a) * d + 8 * a) * d - 4 * a)     # (B, size, 4)
     taps = base[..., None].long() + offsets
+    weight = weight * ((taps >= 0) & (taps < length[:, None, None]))
+    weight = weight / weight.sum(dim=-1, keepdim=True)
     taps = torch.minimum(taps.clamp_min(0), length[:, None, None] - 1) + start[:, None, None]
     matrix = torch.zeros(len(start), size, in_size, device=start.device, dtype=torch.float64)
     return matrix.scatter_add_(2, taps, weight).float()
 
 
 def resized_crops(images, boxes, size):
-    """resized_crop for a batch of same-size images (B, C, H, W) uint8 and boxes (B, 4), in two
-    batched matrix products (rows, then columns): for data held on the device."""
+    """Random resized crops of a batch of same-size uint8 images (B, C, H, W) with boxes (B, 4)
+    -> uint8 (B, C, S, S), in two batched matrix products (rows, then columns).
+
+    DEVIATION: the crops are rounded to uint8 (error <= 0.5/255), so that loaders ship 4x fewer
+    bytes; the official pipeline keeps the resized crop in float."""
     top, left, h, w = boxes.to(images.device).unbind(1)
     rows = _bicubic_matrix(top, h, images.shape[-2], size)              # (B, S, H)
     cols = _bicubic_matrix(left, w, images.shape[-1], size)             # (B, S, W)

@@ -52,6 +52,9 @@ NAMED_DATASETS = ('cifar10', 'cifar100', 'stl10', 'fashionmnist')
 ARCHS = ('resnet18', 'resnet34', 'resnet50', 'resnet101', 'resnet152', 'resnet200', 'convnet')
 MAX_IN_MEMORY = 200_000  # images held on the device: CIFAR, STL-10 (105k at 96 px: 2.9 GB)
 SYNC_EVERY = 5  # steps between the loop's host synchronisations (loss check, preemption flag)
+AMP_CHOICES = ('bf16', 'fp16', 'none')  # autocast precisions, the same in every script
+# What an encoder needs to be rebuilt and fed: travels with it (checkpoint.pth, encoder.json).
+ENCODER_SETTINGS = ('arch', 'width', 'small_images', 'image_size')
 # Settings that define a run: a resumed run must use the same ones.
 RUN_SETTINGS = ('arch', 'width', 'small_images', 'image_size', 'hidden_dim', 'projection_dim',
                 'epochs', 'batch_size', 'lr', 'wd', 'tau', 'warmup_epochs', 'seed')
@@ -66,6 +69,33 @@ class ArgumentParser(argparse.ArgumentParser):
         raise UserError(f'{message} (see {self.prog} --help)')
 
 
+def _bounded(cast, low, low_inclusive, name):
+    """An argparse type: `cast` of the text, at least `low` (or above it)."""
+    def parse(text):
+        try:
+            value = cast(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f'{text!r} is not {name}') from None
+        if value < low or (value == low and not low_inclusive) or value != value:
+            raise argparse.ArgumentTypeError(f'{text!r} is not {name}')
+        return value
+    return parse
+
+
+positive_int = _bounded(int, 0, False, 'a positive integer')
+nonnegative_int = _bounded(int, 0, True, 'an integer >= 0')
+positive_float = _bounded(float, 0.0, False, 'a positive number')
+nonnegative_float = _bounded(float, 0.0, True, 'a number >= 0')
+
+
+def fraction(text):
+    """An argparse type: a number in [0, 1] (tau)."""
+    value = nonnegative_float(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f'{text!r} is not in [0, 1]')
+    return value
+
+
 def get_parser():
     p = ArgumentParser(prog='byol.py', description='BYOL pretraining (Grill et al., 2020).')
     a = p.add_argument
@@ -74,23 +104,29 @@ def get_parser():
     a('--data-root', default='data', help='where named datasets live (default: ./data)')
     a('--download', action='store_true', help='download a named dataset if it is missing')
     a('--arch', default='resnet50', choices=ARCHS, help='encoder f (paper: resnet50)')
-    a('--width', type=int, default=None, help='ResNet channel multiplier, 1, 2 or 4 (paper '
+    a('--width', type=positive_int, default=None,
+      help='ResNet channel multiplier, 1, 2 or 4 (paper '
       'Table 1b; default 1); for convnet, the first layer width (default 32)')
     a('--small-images', action=argparse.BooleanOptionalAction, default=None,
-      help='3x3 stride-1 stem and no max-pool (default: on for images <= 64 px)')
-    a('--image-size', type=int, default=None,
-      help='crop size (paper: 224; default: 224, or the images\' shorter side if smaller)')
-    a('--hidden-dim', type=int, default=4096, help='projector/predictor hidden width (paper 4096)')
-    a('--projection-dim', type=int, default=256, help='projection width (paper 256)')
-    a('--epochs', type=int, default=1000, help='paper headline: 1000; sets the preset of --lr, '
+      help='3x3 stride-1 stem and no max-pool (default: on when --image-size <= 64)')
+    a('--image-size', type=positive_int, default=None, help='crop size (paper: 224; default: 224, '
+      'or the native size of a dataset whose images all share one smaller size, e.g. CIFAR\'s 32)')
+    a('--hidden-dim', type=positive_int, default=4096,
+      help='projector/predictor hidden width (paper 4096)')
+    a('--projection-dim', type=positive_int, default=256, help='projection width (paper 256)')
+    a('--epochs', type=positive_int, default=1000,
+      help='paper headline: 1000; sets the preset of --lr, '
       '--wd and --tau: ' + ', '.join(f'{e} ep: {v}' for e, v in PRESETS.items()) +
       ' (the smallest preset with at least this many epochs)')
-    a('--batch-size', type=int, default=4096, help='global batch over all processes (paper 4096)')
-    a('--lr', type=float, default=None, help='base lr; peak lr = lr x batch / 256 (preset)')
-    a('--wd', type=float, default=None, help='LARS weight decay (preset)')
-    a('--tau', type=float, default=None, help='base EMA rate tau of the target, cosine to 1 '
+    a('--batch-size', type=positive_int, default=4096,
+      help='global batch over all processes (paper 4096)')
+    a('--lr', type=positive_float, default=None,
+      help='base lr; peak lr = lr x batch / 256 (preset)')
+    a('--wd', type=nonnegative_float, default=None, help='LARS weight decay (preset)')
+    a('--tau', type=fraction, default=None, help='base EMA rate tau of the target, cosine to 1 '
       '(preset)')
-    a('--warmup-epochs', type=float, default=10, help='linear lr warmup (paper: 10 epochs)')
+    a('--warmup-epochs', type=nonnegative_float, default=10,
+      help='linear lr warmup (paper: 10 epochs)')
     a('--data-on-device', action=argparse.BooleanOptionalAction, default=None,
       help='hold the whole dataset on the training device and crop there (default: on for named '
       f'datasets and folders of at most {MAX_IN_MEMORY} images of one size)')
@@ -98,29 +134,31 @@ def get_parser():
       'batched) and crop there; the loader only reads files (image folders only)')
     a('--compile', action='store_true', help='torch.compile the networks (minutes of '
       'compilation at the start; opt-in)')
-    a('--workers', type=int, default=None, help='data-loader processes per GPU/process '
+    a('--workers', type=nonnegative_int, default=None, help='data-loader processes per GPU/process '
       '(default: the CPU cores per process less one, at most 10)')
     a('--seed', type=int, default=0, help='seeds the initialisation, the data order and every '
       'augmentation')
-    a('--amp', choices=('bf16', 'fp16', 'none'), default=None,
-      help='autocast precision (default: bf16 on GPUs and CPUs that compute it natively, '
-      'else none)')
+    a('--amp', choices=AMP_CHOICES, default=None, help='autocast precision (default: bf16 on '
+      'GPUs and on CPUs with AMX, where it is faster, else none; a resumed run keeps its own)')
     a('--output-dir', default='runs/byol', help='checkpoint.pth, encoder.pth, log.jsonl')
     a('--resume', default=None, help='checkpoint to resume from (default: '
       '<output-dir>/checkpoint.pth if it exists)')
-    a('--stop-at-step', type=int, default=None, help='save and stop after this global step; '
+    a('--stop-at-step', type=positive_int, default=None,
+      help='save and stop after this global step; '
       'the schedules stay those of the full run (for preemptible queues)')
-    a('--log-every', type=int, default=20, help='steps between progress lines')
-    a('--eval-every', type=int, default=0, help='every N epochs, a kNN accuracy on the '
+    a('--log-every', type=positive_int, default=20, help='steps between progress lines')
+    a('--eval-every', type=nonnegative_int, default=0, help='every N epochs, a kNN accuracy on the '
       'labelled split (named datasets: test; folders: DATA/val); 0: never')
-    a('--eval-train-images', type=int, default=0, help='kNN memory bank size drawn from the '
+    a('--eval-train-images', type=nonnegative_int, default=0,
+      help='kNN memory bank size drawn from the '
       'training split (0: all of it)')
     return p
 
 
-def resolve_config(args, images):
+def resolve_config(args, images, saved=None):
     """Fill the defaults that depend on other settings or on the data: presets by epochs, image
-    size (from the first image), stem, width, precision, workers."""
+    size and stem (default_image_size), width, precision (a resumed run keeps its own), workers.
+    saved: the configuration of the checkpoint being resumed, if any."""
     preset = next((PRESETS[e] for e in sorted(PRESETS) if e >= args.epochs), PRESETS[1000])
     for name, value in zip(('lr', 'wd', 'tau'), preset):
         if getattr(args, name) is None:
@@ -132,25 +170,27 @@ def resolve_config(args, images):
     if args.width is None:
         args.width = 32 if args.arch == 'convnet' else 1
     if args.amp is None:
-        args.amp = default_amp()
+        args.amp = saved['amp'] if saved and saved.get('amp') in AMP_CHOICES else default_amp()
     if args.workers is None:
         args.workers = default_workers()
     return args
 
 
 def default_image_size(images):
-    """224 (the paper), or the first image's shorter side if smaller (CIFAR: 32)."""
-    return min(224, *images.load(0).shape[-2:])
+    """The paper's 224 (with the ImageNet stem), except for a dataset whose images all share one
+    smaller size (CIFAR's 32 px, STL-10's 96): its native size (the small-image stem at <= 64 px).
+    Image folders of photos of varied sizes, and folders too large to check, train at 224."""
+    size = images.shared_size
+    return min(224, *size) if size else 224
 
 
 def default_amp():
-    """bf16 where the hardware computes it natively: GPUs that support it, and CPUs with AMX or
-    AVX-512 BF16 (measured 1.9x faster for a ResNet-18 step here, bench/RESULTS.md)."""
+    """The autocast precision that is faster on this hardware: bf16 on GPUs that support it and
+    on CPUs with AMX (measured 1.9x for a ResNet-18 step, bench/RESULTS.md), float32 elsewhere
+    (a CPU with AVX-512 BF16 but no AMX ran the bf16 step at 0.73x of float32)."""
     if torch.cuda.is_available():
         return 'bf16' if torch.cuda.is_bf16_supported() else 'none'
-    native = getattr(torch.cpu, '_is_amx_tile_supported', lambda: False)() or \
-        getattr(torch.cpu, '_is_avx512_bf16_supported', lambda: False)()
-    return 'bf16' if native else 'none'
+    return 'bf16' if getattr(torch.cpu, '_is_amx_tile_supported', lambda: False)() else 'none'
 
 
 def default_workers():
@@ -238,37 +278,46 @@ def resnet(arch, width=1):
     net.conv1 = nn.Conv2d(3, 64 * width, kernel_size=7, stride=2, padding=3, bias=False)
     net.bn1 = nn.BatchNorm2d(64 * width)
     net.layer1 = net._make_layer(wide_block, 64, layers[0])
-    for m in net.modules():  # torchvision's initialisation, for the rebuilt layers
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='relu')
     return net
 
 
+def official_init(module):
+    """The official code's initialisation (Haiku's defaults, SPEC.md section 1): every
+    convolution and linear weight from a normal of std 1/sqrt(fan_in) truncated at 2 std, biases
+    0; BN gamma 1 and beta 0 everywhere (the paper's; torchvision's default too)."""
+    for m in module.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            std = m.weight[0].numel() ** -0.5  # fan_in = in_channels x kernel area
+            nn.init.trunc_normal_(m.weight, std=std, a=-2 * std, b=2 * std)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+    return module
+
+
 def build_encoder(arch, small_images=False, width=None):
-    """Encoder f without its classifier -> (module, feature_dim). The paper's init (BN gamma = 1
-    everywhere) is torchvision's default (SPEC.md section 0)."""
+    """Encoder f without its classifier -> (module, feature_dim), initialised as the official
+    code."""
     if arch == 'convnet':
         width = width or 32
-        return convnet(width), 8 * width
+        return official_init(convnet(width)), 8 * width
     if arch not in RESNET_LAYERS:
         raise UserError(f'unknown --arch {arch}; choose one of {", ".join(ARCHS)}')
     net = resnet(arch, width or 1)
     if small_images:  # CIFAR-size inputs: 3x3 stride-1 stem, no max-pool (SPEC.md section 0)
         net.conv1 = nn.Conv2d(3, net.conv1.out_channels, 3, stride=1, padding=1, bias=False)
-        nn.init.kaiming_normal_(net.conv1.weight, mode='fan_out', nonlinearity='relu')
         net.maxpool = nn.Identity()
     feature_dim = net.fc.in_features
     net.fc = nn.Identity()
-    return net, feature_dim
+    return official_init(net), feature_dim
 
 
 def mlp(in_dim, hidden_dim, out_dim):
     """Projector g and predictor q (paper 3.3): Linear -> BN -> ReLU -> Linear, nothing on the
-    output. DEVIATION: the last Linear has no bias, as the official code (appendix J's
-    pseudo-code has one); PyTorch's default Linear init, not a truncated normal (the paper finds
-    the init scale makes no difference)."""
-    return nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.BatchNorm1d(hidden_dim),
-                         nn.ReLU(inplace=True), nn.Linear(hidden_dim, out_dim, bias=False))
+    output, initialised as the official code. DEVIATION: the last Linear has no bias, as the
+    official code (appendix J's pseudo-code has one)."""
+    return official_init(nn.Sequential(
+        nn.Linear(in_dim, hidden_dim), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True),
+        nn.Linear(hidden_dim, out_dim, bias=False)))
 
 
 def regression_loss(p, z):
@@ -327,25 +376,43 @@ class BYOL(nn.Module):
         torch._foreach_lerp_(target, online, 1.0 - tau)
 
 
-class AllReduceSum(torch.autograd.Function):
-    """Sum over processes whose backward sums the gradients over processes too."""
+def all_reduce_sum(t):
+    """t summed over all processes, in place (unchanged in a single process)."""
+    if world_size() > 1:
+        dist.all_reduce(t)
+    return t
+
+
+class SyncBatchNormFunction(torch.autograd.Function):
+    """y = gamma x_hat + beta, x_hat = (x - mean) invstd, with the global batch's statistics;
+    the backward all-reduces the sums of dy and dy x_hat, the input gradient's only global
+    terms (as nn.SyncBatchNorm's): dx = gamma invstd (dy - mean(dy) - x_hat mean(dy x_hat))."""
 
     @staticmethod
-    def forward(ctx, x):
-        x = x.clone()
-        dist.all_reduce(x)
-        return x
+    def forward(ctx, x, weight, bias, mean, invstd, count):
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        x_hat = (x - mean.view(shape)) * invstd.view(shape)
+        ctx.save_for_backward(x_hat, weight, invstd, count)
+        ctx.dtype = x.dtype
+        return x_hat * weight.view(shape) + bias.view(shape)
 
     @staticmethod
-    def backward(ctx, grad):
-        grad = grad.clone()
-        dist.all_reduce(grad)
-        return grad
+    def backward(ctx, dy):
+        x_hat, weight, invstd, count = ctx.saved_tensors
+        shape, dims = (1, -1) + (1,) * (dy.dim() - 2), [0, *range(2, dy.dim())]
+        local = torch.stack([dy.sum(dims), (dy * x_hat).sum(dims)])  # (2, C): d beta, d gamma
+        mean_dy, mean_dy_x_hat = (all_reduce_sum(local.double()) / count).float()
+        dx = (dy - mean_dy.view(shape) - x_hat * mean_dy_x_hat.view(shape)) * \
+            (weight * invstd).view(shape)
+        return dx.to(ctx.dtype), local[1], local[0], None, None, None
 
 
 class AllReduceBatchNorm(nn.modules.batchnorm._BatchNorm):
-    """BatchNorm whose batch statistics are summed over all processes with a differentiable
-    all-reduce: SyncBatchNorm for CPU (gloo) runs, since torch's nn.SyncBatchNorm is CUDA-only."""
+    """BatchNorm with the statistics of the global batch, for CPU (gloo) runs: torch's
+    nn.SyncBatchNorm is CUDA-only. One all-reduce in the forward, in float64, of each process's
+    count n, n mean and n (var + mean^2), from its own float32 var_mean: the global variance
+    is never E[x^2] - E[x]^2 of float32 sums, which cancels when |mean| >> std (at mean/std =
+    1000 that lost 10% of it, and gave NaN at 3000); one all-reduce in the backward."""
 
     def _check_input_dim(self, x):
         if x.dim() < 2:
@@ -354,19 +421,17 @@ class AllReduceBatchNorm(nn.modules.batchnorm._BatchNorm):
     def forward(self, x):
         if not self.training:
             return super().forward(x)
-        dims = [0, *range(2, x.dim())]
-        count = x.new_tensor([x.numel() / x.shape[1]])
-        stats = AllReduceSum.apply(torch.cat([x.sum(dims), (x * x).sum(dims), count]))
-        c = x.shape[1]
-        n = stats[-1]
-        mean, var = stats[:c] / n, stats[c:2 * c] / n - (stats[:c] / n) ** 2  # biased variance
+        dims, c = [0, *range(2, x.dim())], x.shape[1]
         with torch.no_grad():
-            self.running_mean.lerp_(mean, self.momentum)
-            self.running_var.lerp_(var * n / (n - 1), self.momentum)
+            var, mean = (t.double() for t in torch.var_mean(x.float(), dims, correction=0))
+            n = torch.full_like(mean, x.numel() // c)
+            n, sum_x, sum_x2 = all_reduce_sum(torch.stack([n, n * mean, n * (var + mean ** 2)]))
+            mean, var = sum_x / n, (sum_x2 / n - (sum_x / n) ** 2).clamp_min(0)  # biased
+            self.running_mean.lerp_(mean.float(), self.momentum)
+            self.running_var.lerp_((var * n / (n - 1)).float(), self.momentum)
             self.num_batches_tracked += 1
-        shape = [1, c] + [1] * (x.dim() - 2)
-        x = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
-        return x * self.weight.view(shape) + self.bias.view(shape)
+        return SyncBatchNormFunction.apply(x, self.weight, self.bias, mean.float(),
+                                           (var + self.eps).rsqrt().float(), n[0])
 
 
 def synchronize_batchnorm(module, device):
@@ -473,6 +538,25 @@ class FolderImages:
     def name(self, i):
         return self.samples[i][0]
 
+    @functools.cached_property
+    def shared_size(self):
+        """(H, W) if every image has that one size, read from the files' headers (seconds for
+        50,000 images; it stops at the second size it meets), else None. Folders of more than
+        MAX_IN_MEMORY images are not read (None). Unreadable files are left to load()."""
+        if len(self) > MAX_IN_MEMORY:
+            return None
+        from PIL import Image
+        sizes = set()
+        for path, _ in self.samples:
+            try:
+                with Image.open(path) as image:
+                    sizes.add(image.size[::-1])
+            except Exception:
+                continue
+            if len(sizes) > 1:
+                return None
+        return sizes.pop() if sizes else None
+
     def load(self, i):
         path = self.samples[i][0]
         try:  # libjpeg-turbo / libpng through torchvision: faster than PIL, the same pixels
@@ -488,6 +572,7 @@ class ArrayImages:
 
     def __init__(self, data, labels, classes):
         self.data, self.labels, self.classes = data, [int(y) for y in labels], classes
+        self.shared_size = tuple(data.shape[-2:])
 
     def __len__(self):
         return len(self.data)
@@ -511,6 +596,10 @@ class Subset:
         self.images, self.indices = images, indices
         self.labels = [images.labels[i] for i in indices]
         self.classes = images.classes
+
+    @property
+    def shared_size(self):
+        return self.images.shared_size
 
     def __len__(self):
         return len(self.indices)
@@ -700,13 +789,13 @@ def images_in_memory(images):
     at most MAX_IN_MEMORY images of one size and 8 GiB in all), else None."""
     if isinstance(images, ArrayImages):
         return images.data
-    first = images.load(0).shape
-    if len(images) > MAX_IN_MEMORY or len(images) * first.numel() > 8 * 2 ** 30:  # 8 GiB
+    size = images.shared_size
+    if size is None or len(images) * 3 * size[0] * size[1] > 8 * 2 ** 30:  # 8 GiB
         return None
-    data = torch.empty(len(images), *first, dtype=torch.uint8)
+    data = torch.empty(len(images), 3, *size, dtype=torch.uint8)
     for i in range(len(images)):
         image = load_or_skip(images, i)
-        if image.shape != first:
+        if image.shape[-2:] != size:  # a header that disagrees with its pixels
             return None
         data[i] = image
     return data
@@ -819,12 +908,12 @@ def autocast(device, amp):
 
 
 def save_atomic(obj, path):
-    """torch.save to a temporary file, flushed to disk, then renamed: a crash leaves the old
-    file or the new one, never half of one."""
+    """torch.save (or, for bytes, a plain write) to a temporary file, flushed to disk, then
+    renamed: a crash leaves the old file or the new one, never half of one."""
     path = Path(path)
     tmp = path.with_name(f'.{path.name}.tmp')
     with open(tmp, 'wb') as f:
-        torch.save(obj, f)
+        f.write(obj) if isinstance(obj, bytes) else torch.save(obj, f)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -855,34 +944,60 @@ def describe_encoder(state):
     return arch, conv1.shape[0] // 64, conv1.shape[-1] == 3
 
 
-def encoder_state(checkpoint):
-    """The online encoder's state dict and (arch, width, small_images) of a byol.py checkpoint
-    or an exported encoder.pth."""
+def settings_file(path):
+    """encoder.pth -> encoder.json: the encoder's settings (ENCODER_SETTINGS) beside its plain
+    state dict, which torchvision's loader then reads as it is."""
+    return Path(path).with_suffix('.json')
+
+
+def encoder_state(checkpoint, path):
+    """The online encoder's state dict and its settings {arch, width, small_images, image_size}
+    from a byol.py checkpoint, or from an encoder.pth and the encoder.json beside it (without
+    one: arch, width and stem read from the weights, image_size None)."""
     if 'online' in checkpoint and 'config' in checkpoint:
-        cfg = checkpoint['config']
         state = {k[len('encoder.'):]: v for k, v in checkpoint['online'].items()
                  if k.startswith('encoder.')}
-        return state, (cfg['arch'], cfg['width'], cfg['small_images'])
-    if all(torch.is_tensor(v) for v in checkpoint.values()):
-        return checkpoint, describe_encoder(checkpoint)
-    raise KeyError('neither a byol.py checkpoint nor an encoder state dict')
+        return state, {k: checkpoint['config'][k] for k in ENCODER_SETTINGS}
+    if not all(torch.is_tensor(v) for v in checkpoint.values()):
+        raise KeyError('neither a byol.py checkpoint nor an encoder state dict')
+    side = settings_file(path)
+    if side.is_file():
+        settings = json.loads(side.read_text())
+        return checkpoint, {k: settings[k] for k in ENCODER_SETTINGS}
+    arch, width, small_images = describe_encoder(checkpoint)
+    return checkpoint, dict(arch=arch, width=width, small_images=small_images, image_size=None)
 
 
 def load_encoder(path):
-    """(encoder, feature_dim) from a byol.py checkpoint or an exported encoder.pth; one-line
+    """(encoder, feature_dim, settings) from a byol.py checkpoint or an exported encoder.pth;
+    settings: {arch, width, small_images, image_size} (image_size None if unknown). One-line
     UserError if the file is missing or is neither."""
     checkpoint = load_file(path)
     try:
-        state, (arch, width, small_images) = encoder_state(checkpoint)
-    except (KeyError, AttributeError, IndexError) as e:
+        state, settings = encoder_state(checkpoint, path)
+    except (KeyError, AttributeError, IndexError, ValueError) as e:
         raise UserError(f'{path} is not a byol.py checkpoint or encoder.pth ({e})') from None
-    encoder, feature_dim = build_encoder(arch, small_images, width)
+    encoder, feature_dim = build_encoder(settings['arch'], settings['small_images'],
+                                         settings['width'])
     try:
         encoder.load_state_dict(state)
     except RuntimeError as e:
-        raise UserError(f'{path}: its weights do not fit a {arch} encoder '
+        raise UserError(f'{path}: its weights do not fit a {settings["arch"]} encoder '
                         f'({str(e).splitlines()[1].strip()[:150]})') from None
-    return encoder, feature_dim
+    return encoder, feature_dim, settings
+
+
+def check_output_dir(path):
+    """Fail at once, before any data is read or model built, if the folder cannot be created
+    or written (a file in the way, no permission); nothing is created here."""
+    path = Path(path).absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise UserError(f'--output-dir {path}: {existing} is a file, not a folder; choose '
+                        'another --output-dir')
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f'--output-dir {path}: {existing} is not writable; choose another '
+                        '--output-dir')
 
 
 def check_resumable(checkpoint, config, path):
@@ -930,9 +1045,17 @@ def preemption_signals():
 
 def train(args):
     rank, world, device = setup_distributed()
+    # Resume: --resume, or the output folder's last checkpoint. Checked before any heavy work.
+    out = Path(args.output_dir)
+    check_output_dir(out)
+    resume = args.resume or (out / 'checkpoint.pth' if (out / 'checkpoint.pth').exists() else None)
+    checkpoint = load_file(resume) if resume else None
+    saved = checkpoint.get('config') if isinstance(checkpoint, dict) else None
     images = load_images(args.data, args.data_root, args.download, 'train')
-    args = resolve_config(args, images)
+    args = resolve_config(args, images, saved if isinstance(saved, dict) else None)
     config = vars(args).copy()
+    if checkpoint is not None:
+        check_resumable(checkpoint, config, resume)
     if args.batch_size % world:
         raise UserError(f'--batch-size {args.batch_size} does not divide over {world} processes; '
                         f'use a multiple of {world}')
@@ -979,19 +1102,19 @@ def train(args):
     optimizer = LARS(lars_param_groups(byol, args.wd), lr=0.0)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == 'fp16')
 
-    # Resume: --resume, or the output folder's last checkpoint.
-    out = Path(args.output_dir)
-    resume = args.resume or (out / 'checkpoint.pth' if (out / 'checkpoint.pth').exists() else None)
     step = 0
-    if resume:
-        checkpoint = load_file(resume)
-        check_resumable(checkpoint, config, resume)
+    if checkpoint is not None:
         byol.online.load_state_dict(checkpoint['online'])
         byol.target.load_state_dict(checkpoint['target'])
         optimizer.load_state_dict(checkpoint['optimizer'])
-        scaler.load_state_dict(checkpoint['scaler'])
+        if checkpoint['scaler'] and scaler.is_enabled():  # fp16 then and now: its loss scale
+            scaler.load_state_dict(checkpoint['scaler'])
         torch.set_rng_state(checkpoint['rng']['torch'])
         step = checkpoint['step']
+        if saved.get('amp') != args.amp:
+            log(f'note: steps 1-{step} ran with --amp {saved.get("amp")}; the run continues with '
+                f'--amp {args.amp}')
+        del checkpoint
     model = DistributedDataParallel(byol, device_ids=[device] if device.type == 'cuda' else None) \
         if world > 1 else byol
     if args.compile:  # the forward and backward of both networks; the EMA and LARS stay eager
@@ -1025,6 +1148,10 @@ def train(args):
                 lr = learning_rate(step, total_steps, warmup_steps, peak_lr)
                 for group in optimizer.param_groups:
                     group['lr'] = lr
+                # DEVIATION: the paper trains in float32; --amp bf16 (the default where it is
+                # faster: GPUs, AMX CPUs) runs the convolutions and matmuls in bfloat16, close
+                # to what TPUs do with JAX's default precision; a CIFAR run learns the same
+                # within seed noise (README, "Precision").
                 with autocast(device, args.amp):
                     loss, z_std = model(v1, v2, return_std=True)
                 optimizer.zero_grad(set_to_none=True)
@@ -1088,8 +1215,11 @@ def train(args):
                     f'checkpoint saved in {out}; run the same command again to resume')
                 return
     if is_main():
+        settings = {k: config[k] for k in ENCODER_SETTINGS}
+        save_atomic((json.dumps(settings) + '\n').encode(), settings_file(out / 'encoder.pth'))
         save_atomic(byol.online.encoder.state_dict(), out / 'encoder.pth')
-        log(f'done: {out / "checkpoint.pth"}; encoder exported to {out / "encoder.pth"}')
+        log(f'done: {out / "checkpoint.pth"}; encoder exported to {out / "encoder.pth"} (its '
+            f'settings in {settings_file(out / "encoder.pth")})')
 
 
 def make_eval_loaders(args, train_images, device):

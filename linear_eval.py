@@ -47,19 +47,24 @@ def add_data_arguments(p):
     p.add_argument('--download', action='store_true', help='download a missing named dataset')
 
 
-def add_encoder_arguments(p, image_size_help='crop size (default: 224, or the images\' shorter '
-                          'side if smaller)'):
+def add_encoder_arguments(p):
     """The encoder to evaluate, shared by the evaluation scripts: a byol.py checkpoint or
-    encoder.pth, or (omitted) a randomly initialised one described by --arch and --width."""
+    encoder.pth, or (omitted) a randomly initialised one described by --arch and --width; its
+    input size; the precision."""
     a = p.add_argument
     a('--pretrained', default=None, help='byol.py checkpoint.pth or exported encoder.pth; '
       'omitted: a randomly initialised encoder (a baseline)')
     a('--arch', default=None, choices=byol.ARCHS, help='encoder when --pretrained is omitted '
       '(default resnet50); with --pretrained it is read from the checkpoint')
-    a('--width', type=int, default=None, help='as byol.py, when --pretrained is omitted')
+    a('--width', type=byol.positive_int, default=None,
+      help='as byol.py, when --pretrained is omitted')
     a('--small-images', action='store_true', default=None, help='as byol.py, when --pretrained '
-      'is omitted (default: on for images <= 64 px)')
-    a('--image-size', type=int, default=None, help=image_size_help)
+      'is omitted (default: on when the image size is <= 64)')
+    a('--image-size', type=byol.positive_int, default=None, help='input size (default: the '
+      'size the encoder was trained at, from checkpoint.pth or the encoder.json beside '
+      'encoder.pth; for a random init or a file without it, byol.py\'s default for the data)')
+    a('--amp', choices=byol.AMP_CHOICES, default=None, help='autocast precision, as byol.py '
+      '(default: bf16 on GPUs and on CPUs with AMX, else none)')
 
 
 def append_result(output_dir, results):
@@ -76,18 +81,21 @@ def get_parser():
     a = p.add_argument
     add_data_arguments(p)
     add_encoder_arguments(p)
-    a('--batch-size', type=int, default=1024, help='global batch (paper: 1024)')
-    a('--epochs', type=int, default=80, help='paper: 80')
-    a('--lr', type=float, nargs='+', default=LR_GRID, help='lr grid, selected on the held-out '
+    a('--batch-size', type=byol.positive_int, default=1024, help='global batch (paper: 1024)')
+    a('--epochs', type=byol.positive_int, default=80, help='paper: 80')
+    a('--lr', type=byol.nonnegative_float, nargs='+', default=LR_GRID,
+      help='lr grid, selected on the held-out '
       'split (paper: 0.4 0.3 0.2 0.1 0.05)')
-    a('--holdout', type=int, default=None, help='held-out training images for the lr choice '
+    a('--holdout', type=byol.nonnegative_int, default=None,
+      help='held-out training images for the lr choice '
       f'(default: {IMAGENET_HOLDOUT} for 1M+ images as the paper, else 10%%)')
-    a('--train-images', type=int, default=0, help='train on this many training images (a seeded '
+    a('--train-images', type=byol.nonnegative_int, default=0,
+      help='train on this many training images (a seeded '
       'random subset; 0: all)')
     a('--cached', action=argparse.BooleanOptionalAction, default=None,
       help='train on cached centre-crop features (default: on below 200k training images)')
-    a('--workers', type=int, default=None, help='data-loader processes per process')
-    a('--amp', choices=('bf16', 'fp16', 'none'), default=None, help='as byol.py')
+    a('--workers', type=byol.nonnegative_int, default=None,
+      help='data-loader processes per process')
     a('--seed', type=int, default=0, help='seeds the held-out split, the order and the heads')
     a('--output-dir', default='runs/linear_eval', help='results.jsonl is appended here')
     return p
@@ -154,8 +162,10 @@ def nesterov_sgd(param_groups):
 def fit(model, optimizer, batches, epochs, steps_per_epoch, device, amp='none', name='train'):
     """The training loop of the evaluation protocols: for each batch (x, y) of batches(epoch),
     model(x) -> logits (H, B, C) of H classifiers, loss = the sum of their cross-entropies,
-    per-step cosine lr. Prints one line per epoch with the ETA."""
+    per-step cosine lr, a loss scaler for fp16 (as byol.py). Prints about ten lines with the
+    ETA."""
     total, step, start = epochs * steps_per_epoch, 0, time.time()
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == 'fp16')
     for epoch in range(epochs):
         loss_sum = torch.zeros((), device=device)
         for x, y in batches(epoch):
@@ -165,8 +175,9 @@ def fit(model, optimizer, batches, epochs, steps_per_epoch, device, amp='none', 
                 logits = model(x)
             loss = sum(F.cross_entropy(z.float(), y) for z in logits)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
             loss_sum += loss.detach()
             step += 1
         if (epoch + 1) % max(1, epochs // 10) == 0 or epoch == epochs - 1:  # ~10 lines a run
@@ -199,6 +210,12 @@ def feature_batches(features, labels, batch_size, seed=None):
     return batches
 
 
+def default_holdout(n_train):
+    """Held-out training images that choose the hyper-parameters: the paper's 10,009 for an
+    ImageNet-size training set, else 10% of it."""
+    return IMAGENET_HOLDOUT if n_train >= 1_000_000 else n_train // 10
+
+
 def split_indices(n, holdout, train_images, seed):
     """Seeded split of range(n) into (train, held-out) index lists.
 
@@ -214,21 +231,30 @@ def split_indices(n, holdout, train_images, seed):
 
 
 def frozen_encoder(args, images, device):
-    """The encoder to evaluate, frozen, in eval mode (BN uses its stored statistics)."""
+    """The encoder to evaluate, frozen and in eval mode (BN uses its stored statistics), and the
+    input size to evaluate it at: one policy for every evaluation script -> (encoder,
+    feature_dim, size). --pretrained: the encoder as it was trained (architecture, width, stem,
+    image size: from checkpoint.pth, or the encoder.json beside encoder.pth); omitted: a randomly
+    initialised --arch (a baseline) at byol.py's default size for the data (`images`).
+    --image-size overrides either."""
     if args.pretrained:
-        encoder, feature_dim = byol.load_encoder(args.pretrained)
-        arch = byol.describe_encoder(encoder.state_dict())[0]
+        encoder, feature_dim, settings = byol.load_encoder(args.pretrained)
+        arch = settings['arch']
         if args.arch and args.arch != arch:
             raise UserError(f'{args.pretrained} holds a {arch} encoder, not --arch {args.arch}; '
                             'drop --arch (it is read from the checkpoint) or pass another file')
-        log(f'encoder: {arch} from {args.pretrained}')
+        size = args.image_size or settings['image_size'] or byol.default_image_size(images)
+        why = '--image-size' if args.image_size else 'its training size' if \
+            settings['image_size'] else 'the data\'s default: the file gives no training size'
+        log(f'encoder: {arch} from {args.pretrained}, at {size} px ({why})')
     else:
-        small = args.small_images if args.small_images is not None else \
-            byol.default_image_size(images) <= 64
+        size = args.image_size or byol.default_image_size(images)
+        small = args.small_images if args.small_images is not None else size <= 64
         encoder, feature_dim = byol.build_encoder(args.arch or 'resnet50', small, args.width)
-        log('WARNING: no --pretrained given: a RANDOMLY INITIALISED encoder (a baseline)')
+        log(f'WARNING: no --pretrained given: a RANDOMLY INITIALISED encoder (a baseline), at '
+            f'{size} px')
     encoder.requires_grad_(False)
-    return encoder.to(device).eval(), feature_dim
+    return encoder.to(device).eval(), feature_dim, size
 
 
 def main(argv=None):
@@ -237,20 +263,19 @@ def main(argv=None):
 
 def run(args):
     rank, world, device = byol.setup_distributed()
+    byol.check_output_dir(args.output_dir)
     torch.manual_seed(args.seed)
     start = time.time()
     train_images = byol.load_images(args.data, args.data_root, args.download, 'train')
     val_images = byol.load_images(args.data, args.data_root, args.download, 'val')
-    size = args.image_size or byol.default_image_size(train_images)
     amp = args.amp or byol.default_amp()
     workers = byol.default_workers() if args.workers is None else args.workers
     if args.batch_size % world:
         raise UserError(f'--batch-size {args.batch_size} does not divide over {world} processes')
-    encoder, feature_dim = frozen_encoder(args, train_images, device)
+    encoder, feature_dim, size = frozen_encoder(args, train_images, device)
     before = {k: v.clone() for k, v in encoder.state_dict().items()}
     n_classes = len(train_images.classes)
-    holdout = args.holdout if args.holdout is not None else (
-        IMAGENET_HOLDOUT if len(train_images) >= 1_000_000 else len(train_images) // 10)
+    holdout = default_holdout(len(train_images)) if args.holdout is None else args.holdout
     train_idx, holdout_idx = split_indices(len(train_images), holdout, args.train_images,
                                            args.seed)
     cached = args.cached if args.cached is not None else len(train_images) < 200_000
@@ -270,9 +295,11 @@ def run(args):
                    train_images=len(train_idx), image_size=size)
     if cached:
         x, y = features(byol.Subset(train_images, train_idx))
-        # DEVIATION (cached mode only): features are standardised with the training features'
-        # mean and std, a fixed affine map (the classifier stays linear in the features) that
-        # lets 80 epochs of SGD converge on small sets whatever the features' scale.
+        # DEVIATION (cached mode only): the classifiers train on the features of centre crops,
+        # computed once, without the protocol's random resized crop and flip; and the features
+        # are standardised with the training features' mean and std, a fixed affine map (the
+        # classifier stays linear in the features) that lets 80 epochs of SGD converge on small
+        # sets whatever the features' scale.
         mean, std = x.mean(dim=0), x.std(dim=0) + 1e-6
         heads.standardize = (mean, std)
         batches = feature_batches(x, y, args.batch_size, args.seed)

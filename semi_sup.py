@@ -4,11 +4,12 @@ section 4.1 "Semi-supervised training", Table 2; appendix C.1; SPEC.md section 5
 The pretrained encoder and a new linear classifier are fine-tuned together (every parameter
 trains, BN in training mode) on a labelled subset of the training images: SGD with Nesterov
 momentum 0.9, batch 1024, no weight decay, cosine lr, random resized crop + flip as in linear
-evaluation. The lr x epochs grid {0.005, 0.01, 0.02, 0.05, 0.1} x {30, 50} is selected on a held-out
-part of the labelled subset; the chosen network is reported on the validation split (top-1,
-top-5). Without --pretrained the same protocol trains from random initialisation: the paper's
-"Supervised" baseline. The grid's lrs are used as given, at any batch. The official evaluation
-code multiplies its lr by batch / 256; if the paper's grid was before that scaling (SPEC.md calls
+evaluation. Every setting of the lr x epochs grid {0.005, 0.01, 0.02, 0.05, 0.1} x {30, 50}
+trains on the whole labelled subset; the one chosen on a local validation split (training images
+outside the subset, as the paper) is reported on the validation split (top-1, top-5). Without
+--pretrained the same protocol trains from random initialisation: the paper's "Supervised"
+baseline. The grid's lrs are used as given, at any batch. The official evaluation code
+multiplies its lr by batch / 256; if the paper's grid was before that scaling (SPEC.md calls
 this unconfirmed), its lrs at batch 1024 were 4x these: --lr 0.02 0.04 0.08 0.2 0.4.
 
 Labelled subsets (--subset)
@@ -73,19 +74,22 @@ def get_parser():
       help='where 1percent.txt and 10percent.txt are (default: imagenet_subsets/ beside this '
       'script)')
     linear_eval.add_encoder_arguments(p)  # omitted --pretrained: the supervised baseline
-    a('--batch-size', type=int, default=None, help=f'global batch (paper: {PAPER_BATCH}; by '
+    a('--batch-size', type=byol.positive_int, default=None,
+      help=f'global batch (paper: {PAPER_BATCH}; by '
       f'default halved, with a warning, until an epoch has {MIN_STEPS_PER_EPOCH} steps)')
-    a('--lr', type=float, nargs='+', default=LR_GRID, help='lr grid (paper: '
+    a('--lr', type=byol.nonnegative_float, nargs='+', default=LR_GRID, help='lr grid (paper: '
       + ' '.join(map(str, LR_GRID)) + ')')
-    a('--epochs', type=int, nargs='+', default=EPOCHS_GRID, help='epochs grid (paper: '
+    a('--epochs', type=byol.positive_int, nargs='+', default=EPOCHS_GRID,
+      help='epochs grid (paper: '
       + ' '.join(map(str, EPOCHS_GRID)) + ')')
-    a('--holdout', type=int, default=None, help='labelled images held out to choose lr and '
-      'epochs (default: 10%% of the labelled subset)')
-    a('--val-images', type=int, default=0, help='report on this many validation images (a '
+    a('--holdout', type=byol.nonnegative_int, default=None, help='training images outside the '
+      'subset that choose lr and epochs (default: 10,009 for ImageNet, as the paper, else 10%% '
+      'of the training images; 0 for a single setting)')
+    a('--val-images', type=byol.nonnegative_int, default=0,
+      help='report on this many validation images (a '
       'seeded random subset, for quick runs; 0: all)')
-    a('--workers', type=int, default=None, help='data-loader processes per process')
-    a('--amp', choices=('bf16', 'none'), default=None, help='autocast precision (default: bf16 '
-      'on GPUs that support it); no fp16, which would need a loss scaler')
+    a('--workers', type=byol.nonnegative_int, default=None,
+      help='data-loader processes per process')
     a('--seed', type=int, default=0, help='seeds the subset, the held-out split, the order, the '
       'augmentations and the new classifier')
     a('--output-dir', default='runs/semi_sup', help='results.jsonl is appended here')
@@ -189,6 +193,12 @@ def labelled_subset(args, images):
         path.write_text(''.join(keys[i] + '\n' for i in indices))
     return indices, path
 
+def local_validation(labelled, n_images, holdout, seed):
+    """`holdout` training images outside the labelled subset (seeded; sorted indices): the local
+    validation split on which the grid's setting is chosen."""
+    outside = sorted(set(range(n_images)) - set(labelled))
+    return [outside[i] for i in byol.random_indices(len(outside), holdout, seed)]
+
 # ------------------------------------------------------------------------------------------------
 # The network: encoder f and a new linear classifier, all of it trained
 # ------------------------------------------------------------------------------------------------
@@ -228,34 +238,47 @@ def grid_progress(args, batch, world):
     return path, dict(key=key, holdout_top1=[], best=None, best_state=None)
 
 
+def percent(accuracy):
+    return 'n/a' if accuracy is None else f'{accuracy:.2f}%'
+
+
 def main(argv=None):
     return byol.run_cli('semi_sup.py', run, get_parser(), argv)
 
 
 def run(args):
     _, world, device = byol.setup_distributed()
+    byol.check_output_dir(args.output_dir)
     start = time.time()
     log('config: ' + json.dumps(vars(args), sort_keys=True))
     train_images = byol.load_images(args.data, args.data_root, args.download, 'train')
     val_images = byol.load_images(args.data, args.data_root, args.download, 'val')
-    size = args.image_size or byol.default_image_size(train_images)
     amp = args.amp or byol.default_amp()
     workers = byol.default_workers() if args.workers is None else args.workers
     if device.type == 'cuda':
         torch.backends.cudnn.benchmark = True
 
-    # Data: the labelled subset, its held-out part, the validation images.
+    # Data: the labelled subset, the local validation split, the validation images. As the
+    # paper (SPEC.md sections 4-5), every setting trains on the whole labelled subset and is
+    # scored on training images outside it, whose labels serve only to choose the setting; the
+    # chosen network is then the one reported. DEVIATION: the paper's local split is the last
+    # 10,009 images of TF's train split; ours is a seeded random draw from the images outside
+    # the subset (10,009 of ImageNet's, 10% of a smaller set's).
     labelled, subset_file = labelled_subset(args, train_images)
-    holdout = len(labelled) // 10 if args.holdout is None else args.holdout
     grid = [(lr, epochs) for epochs in args.epochs for lr in args.lr]
-    if not 0 < holdout < len(labelled):
-        raise UserError(f'--holdout {holdout}: hold out 1 to {len(labelled) - 1} of the '
-                        f'{len(labelled)} labelled images')
-    # DEVIATION (unstated in the paper): the chosen setting is reported as trained, on the
-    # labelled images less the held-out part; it is not retrained on all of them.
-    train_pos, holdout_pos = linear_eval.split_indices(len(labelled), holdout, 0, args.seed)
-    train_set = byol.Subset(train_images, [labelled[i] for i in train_pos])
-    holdout_set = byol.Subset(train_images, [labelled[i] for i in holdout_pos])
+    outside = len(train_images) - len(labelled)
+    holdout = args.holdout if args.holdout is not None else 0 if len(grid) == 1 else \
+        min(outside, linear_eval.default_holdout(len(train_images)))
+    if len(grid) > 1 and not outside:
+        raise UserError(f'--subset {args.subset} labels every training image, which leaves none '
+                        f'to choose among the {len(grid)} settings on; use a smaller --subset, '
+                        'or one --lr and one --epochs')
+    if (len(grid) > 1 and holdout == 0) or holdout > outside:
+        raise UserError(f'--holdout {holdout}: choosing among {len(grid)} settings needs 1 to '
+                        f'{outside} held-out images (training images outside the subset)')
+    train_set = byol.Subset(train_images, labelled)
+    holdout_set = byol.Subset(train_images, local_validation(labelled, len(train_images),
+                                                             holdout, args.seed))
     if args.val_images and args.val_images < len(val_images):
         val_images = byol.Subset(val_images, byol.random_indices(len(val_images),
                                                                  args.val_images, args.seed))
@@ -274,7 +297,7 @@ def run(args):
     # Network: pretrained (or random) encoder + new linear head; every run of the grid starts
     # from this same state.
     torch.manual_seed(args.seed)
-    encoder, feature_dim = linear_eval.frozen_encoder(args, train_images, device)
+    encoder, feature_dim, size = linear_eval.frozen_encoder(args, train_images, device)
     encoder.requires_grad_(True)  # fine-tuning: the whole network trains
     if not args.pretrained:
         log('no --pretrained: the supervised baseline, trained from random initialisation')
@@ -283,8 +306,8 @@ def run(args):
     # BN in training mode, per-process statistics (unsynced, as the official code).
     model = DistributedDataParallel(net, device_ids=[device] if device.type == 'cuda' else
                                     None) if world > 1 else net
-    log(f'{len(labelled)} labelled images from {subset_file} ({len(train_set)} to train, '
-        f'{len(holdout_set)} held out), {len(val_images)} validation images; '
+    log(f'{len(labelled)} labelled images from {subset_file}, {len(holdout_set)} other training '
+        f'images to choose the setting, {len(val_images)} validation images; '
         f'{len(train_images.classes)} classes; batch {batch}, {world} process(es); grid of '
         f'{len(grid)}: lr {list(args.lr)} x epochs {list(args.epochs)}')
 
@@ -316,7 +339,8 @@ def run(args):
         linear_eval.fit(lambda x: model(x)[None], optimizer, batches, epochs, len(loader),
                         device, amp, name=f'lr {lr} x {epochs} ep')
         # (N, C) logits, BN in eval mode (running statistics), gathered over processes
-        holdout_top1.append(byol.topk_accuracy(*eval_logits(holdout_set), ks=(1,))[0])
+        holdout_top1.append(byol.topk_accuracy(*eval_logits(holdout_set), ks=(1,))[0]
+                            if len(holdout_set) else None)  # None: a single setting, no choice
         if best is None or holdout_top1[i] > holdout_top1[best]:
             best = i
             best_state = {k: v.detach().to('cpu', copy=True) for k, v in net.state_dict().items()}
@@ -326,7 +350,7 @@ def run(args):
         done = sum(e for _, e in grid[start_setting:i + 1])
         eta = (time.time() - setting_start) / done * sum(e for _, e in grid[i + 1:])
         log(f'setting {i + 1}/{len(grid)}: lr {lr} x {epochs} epochs: held-out top-1 '
-            f'{holdout_top1[i]:.2f}% (best so far: lr {grid[best][0]} x {grid[best][1]}) | '
+            f'{percent(holdout_top1[i])} (best so far: lr {grid[best][0]} x {grid[best][1]}) | '
             f'grid eta {byol.format_time(eta)}')
 
     # The chosen network on the validation images.
@@ -346,7 +370,7 @@ def run(args):
                    holdout_top1={f'{lr_}x{ep}': acc for (lr_, ep), acc in
                                  zip(grid, holdout_top1)},
                    time_s=round(time.time() - start, 1))
-    log(f'lr {lr} x {epochs} epochs (held-out top-1 {holdout_top1[best]:.2f}%): val top-1 '
+    log(f'lr {lr} x {epochs} epochs (held-out top-1 {percent(holdout_top1[best])}): val top-1 '
         f'{top1:.2f}%, top-5 {top5:.2f}%; the encoder moved by {100 * encoder_change:.1f}%')
     linear_eval.append_result(args.output_dir, results)
     if byol.is_main():

@@ -113,21 +113,23 @@ def get_parser():
     a('--protocol', choices=('linear', 'finetune'), default='linear', help='paper: both')
     a('--metric', choices=tuple(METRIC_NAMES), default=None, help='override the dataset\'s '
       'metric (for --dataset folder)')
-    linear_eval.add_encoder_arguments(p, 'input side (paper: 224; default: 224, or the '
-                                      'pretraining size of a byol.py checkpoint trained on '
-                                      'smaller images)')
-    a('--l2', type=float, nargs='+', default=L2_GRID, help='linear: the l2 penalties to choose '
+    linear_eval.add_encoder_arguments(p)
+    a('--l2', type=byol.positive_float, nargs='+', default=L2_GRID,
+      help='linear: the l2 penalties to choose '
       'from (paper: 45 log-spaced values in [1e-6, 1e5])')
-    a('--max-iter', type=int, default=1000, help='linear: L-BFGS iterations per penalty')
+    a('--max-iter', type=byol.positive_int, default=1000,
+      help='linear: L-BFGS iterations per penalty')
     a('--grid', choices=tuple(FINETUNE_GRIDS), default='full', help='finetune: lr x wd grid '
       '(full: the paper\'s 7 x 8; quick: lr {0.01, 0.1} x wd {0, 1e-5})')
-    a('--steps', type=int, default=20000, help='finetune: SGD steps per run (paper: 20,000)')
-    a('--batch-size', type=int, default=256, help='finetune batch (paper: 256); also the feature '
+    a('--steps', type=byol.positive_int, default=20000,
+      help='finetune: SGD steps per run (paper: 20,000)')
+    a('--batch-size', type=byol.positive_int, default=256,
+      help='finetune batch (paper: 256); also the feature '
       'extraction batch')
-    a('--train-images', type=int, default=0, help='use this many training images (a seeded '
+    a('--train-images', type=byol.nonnegative_int, default=0,
+      help='use this many training images (a seeded '
       'subset, for quick runs; 0: all)')
-    a('--workers', type=int, default=None, help='data-loader processes')
-    a('--amp', choices=('bf16', 'fp16', 'none'), default=None, help='as byol.py')
+    a('--workers', type=byol.nonnegative_int, default=None, help='data-loader processes')
     a('--seed', type=int, default=0, help='seeds the carved validation splits, the head and '
       'the fine-tuning order')
     a('--output-dir', default='runs/transfer', help='<dataset>_<protocol>.json and '
@@ -651,18 +653,6 @@ def finetune_protocol(args, splits, metric, encoder, feature_dim, size, device, 
 # ------------------------------------------------------------------------------------------------
 
 
-def default_image_size(args, train_images):
-    """224, as the paper. DEVIATION: an encoder that byol.py pretrained on smaller images (CIFAR's
-    32 px) is evaluated at its pretraining size, and a random-init baseline at byol.py's default
-    for the data, so that each network sees images at the scale it was built for."""
-    if args.image_size:
-        return args.image_size
-    if args.pretrained:
-        config = byol.load_file(args.pretrained).get('config') or {}
-        return min(224, config.get('image_size') or 224)
-    return byol.default_image_size(train_images)
-
-
 def evaluate_dataset(args, name, device, amp, workers):
     start = time.time()
     splits = load_dataset(name, args.data_root, args.download, args.seed)
@@ -678,8 +668,9 @@ def evaluate_dataset(args, name, device, amp, workers):
         + (f' (paper: {" / ".join(map(str, DATASETS[name].sizes))})' if name in DATASETS else '')
         + f', {len(splits["train"].images.classes)} classes, {METRIC_NAMES[metric_name]}')
     torch.manual_seed(args.seed)
-    encoder, feature_dim = linear_eval.frozen_encoder(args, splits['train'].images, device)
-    size = default_image_size(args, splits['train'].images)
+    # DEVIATION: the paper evaluates at 224 px; an encoder is evaluated at the size it was
+    # trained at (linear_eval.frozen_encoder), e.g. 32 px for one pretrained on CIFAR.
+    encoder, feature_dim, size = linear_eval.frozen_encoder(args, splits['train'].images, device)
     log(f'{args.protocol} protocol at {size} px')
     before = {k: v.clone() for k, v in encoder.state_dict().items()}
     metric = METRICS[metric_name]
@@ -724,6 +715,7 @@ def write_table(results, skipped, protocol, out):
 def run(args):
     if bool(args.dataset) == args.all:
         raise UserError('pass --dataset NAME or --all (one of the two)')
+    byol.check_output_dir(args.output_dir)
     device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     amp = args.amp or byol.default_amp()
     workers = byol.default_workers() if args.workers is None else args.workers
