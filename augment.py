@@ -144,10 +144,23 @@ def center_crop_box(height, width, fraction=0.875):
 
 def resized_crop(image, box, size):
     """Crop box (top, left, h, w) out of a uint8 image (C, H, W) and resize it to size x size as
-    TF's bicubic resize in the official pipeline -> uint8 (resized_crops for one image)."""
-    top, left, h, w = box
-    crop = image[None, :, top:top + h, left:left + w]
-    return resized_crops(crop, torch.tensor([[0, 0, h, w]]), size)[0]
+    TF's bicubic resize in the official pipeline -> uint8."""
+    return crops_of([image], torch.tensor([[box]]), size)[0, 0]
+
+
+def crops_of(images, boxes, size):
+    """Resized crops of images of any sizes (a list of B uint8 (C, H, W)) with boxes (B, V, 4)
+    -> uint8 (B, V, C, S, S): the resampling matrices of all B x V crops are made at once, then
+    each crop is resized by two small matrix products."""
+    b, v, device = *boxes.shape[:2], images[0].device
+    top, left, h, w = boxes.reshape(-1, 4).to(device).unbind(1)
+    rows = _bicubic_matrix(torch.zeros_like(top), h, int(h.max()), size)     # (BV, S, h_max)
+    cols = _bicubic_matrix(torch.zeros_like(left), w, int(w.max()), size)    # (BV, S, w_max)
+    out = torch.empty(b * v, images[0].shape[0], size, size, dtype=torch.uint8, device=device)
+    for k, (t, l, hk, wk) in enumerate(boxes.reshape(-1, 4).tolist()):
+        crop = images[k // v][:, t:t + hk, l:l + wk].float()
+        out[k] = (rows[k, :, :hk] @ crop @ cols[k, :, :wk].T).round_().clamp_(0, 255)
+    return out.view(b, v, *out.shape[1:])
 
 
 def _bicubic_matrix(start, length, in_size, size):

@@ -710,10 +710,7 @@ def crop_images(images, u, size, center_fraction=None):
     else:
         boxes = [torch.tensor([augment.center_crop_box(h, w, center_fraction)
                                for h, w in zip(heights.tolist(), widths.tolist())])] * u.shape[1]
-    boxes = torch.stack(boxes, dim=1)  # (b, V, 4)
-    return torch.stack([torch.stack([augment.resized_crop(image, box.tolist(), size)
-                                     for box in image_boxes])
-                        for image, image_boxes in zip(images, boxes)])
+    return augment.crops_of(images, torch.stack(boxes, dim=1), size)  # boxes (b, V, 4)
 
 
 def two_views(crops, u):

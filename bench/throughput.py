@@ -10,8 +10,8 @@ Step variants (images/s counts each source image once, i.e. batch / step time):
   straightforward   per-image augmentation on the CPU, per-parameter Python loops for LARS and the
                     EMA, fp32, default memory format: what a direct transcription of the paper does
   byol.py           batched augmentation on the training device, multi-tensor (foreach) LARS and
-                    EMA, bf16 autocast where the hardware has it (GPUs; CPUs with AMX or
-                    AVX-512 BF16), channels_last on GPUs: as byol.py runs
+                    EMA, bf16 autocast where it is faster (GPUs; CPUs with AMX), channels_last
+                    on GPUs: as byol.py runs
   byol.py - X       byol.py with one feature X switched back to the straightforward way
   byol.py + compile torch.compile of the BYOL module (--compile; opt-in)
 Warm-up steps are excluded; each variant's time is the median over --repeats timings of --steps
@@ -193,6 +193,15 @@ def delivered(batches, device, n, augment_views=False):
 # ------------------------------------------------------------------------------------------------
 
 
+def cpu_features():
+    """The CPU features that decide bf16's speed: AMX tiles, AVX-512 BF16; and the core count."""
+    has = [name for name, check in (('AMX', torch.cpu._is_amx_tile_supported),
+                                    ('AVX-512 BF16', torch.cpu._is_avx512_bf16_supported))
+           if check()]
+    return (f'{os.cpu_count()} CPU cores, {torch.backends.cpu.get_cpu_capability()}, '
+            + (' and '.join(has) if has else 'no AMX, no AVX-512 BF16'))
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     p.add_argument('--arch', default='resnet18')
@@ -221,18 +230,18 @@ def main():
     if not args.no_ablations:
         variants['byol.py - batched augmentation'] = dict(batched_augment=False)
         variants['byol.py - foreach LARS/EMA'] = dict(foreach=False)
-        if byol.default_amp() == 'bf16':
-            variants['byol.py - bf16'] = dict(amp='none')
+        default, other = byol.default_amp(), {'bf16': 'none', 'none': 'bf16'}[byol.default_amp()]
+        variants[f'byol.py, {other} instead of {default}'] = dict(amp=other)
         if cuda:
             variants['byol.py - channels_last'] = dict(channels_last=False)
     if args.compile:
         variants['byol.py + compile'] = dict(compile=True)
 
-    print(f'{args.arch} at {args.image_size} px, batch {args.batch_size}, {device} '
-          f'({torch.cuda.get_device_name(device) if cuda else os.cpu_count()} '
-          f'{"" if cuda else "CPU cores"}), torch {torch.__version__}', flush=True)
+    hardware = torch.cuda.get_device_name(device) if cuda else cpu_features()
+    print(f'{args.arch} at {args.image_size} px, batch {args.batch_size}, {device} ({hardware}), '
+          f'torch {torch.__version__}', flush=True)
     results = dict(arch=args.arch, image_size=args.image_size, batch_size=args.batch_size,
-                   device=str(device), torch=torch.__version__, steps={})
+                   device=str(device), hardware=hardware, torch=torch.__version__, steps={})
     peak = matmul_rate(device) if cuda else None
     for name, options in variants.items():
         step, flops = make_step(args, device, **options)
