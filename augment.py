@@ -1,12 +1,13 @@
-"""augment.py: BYOL's two image augmentation distributions T and T' (paper section 3.3, appendix B).
+"""augment.py: everything between image files and the two views BYOL trains on: the image sources,
+the two augmentation distributions T and T' (paper section 3.3, appendix B), and the pipeline that
+turns files into batches of views on the training device.
 
-Each view of an image is made in two halves:
-
-  1. in the data loader (CPU workers): decode, then a random resized crop to S x S (bicubic), kept
-     as uint8 so that 4x fewer bytes travel to the device;
-  2. on the training device, over the whole batch at once: flip, colour jitter (random order per
-     image), grayscale, Gaussian blur, solarize, then normalisation. Every op is a batched tensor op
-     whose random parameters are per image, so the same code runs on a CPU or over a GPU batch.
+A view is made in stages: read the file, decode it, take a random resized crop (the geometric half
+of T and T', bicubic as TF's, kept as uint8 so that 4x fewer bytes travel), then the photometric
+half over the whole batch at once: flip, colour jitter (random order per image), grayscale,
+Gaussian blur, solarize, normalisation. Every op is a batched tensor op whose random parameters are
+per image, so each stage runs in the data loader's workers or on the training device (CPU or GPU)
+with the same result: where it runs is a matter of speed (`batches`).
 
 All randomness comes from `uniforms(seed, epoch, index)`: a counter-based hash of the image's index,
 so an image's augmentation is the same whatever the number of processes, workers or batch
@@ -18,15 +19,23 @@ are clipped to [0, 1] after every op, grayscale has its own gate and the blur ke
 image side (23 taps at 224 px, 3 at 32 px).
 
 Usage (what byol.py does):
-    u = uniforms(seed, epoch, indices, n_views=2)               # (B, 2, N_SLOTS), any device
-    crop = resized_crop(image, crop_box(u[i, 0], H, W), 224)    # loader, per image: uint8 (3, S, S)
-    v1 = augment_batch(crops1, u[:, 0], T)                      # device, per batch: normalised
-    v2 = augment_batch(crops2, u[:, 1], T_PRIME)
+    images = load_images('/imagenet')                          # an image source
+    loader, where = batches(images, 224, 256, 'byol', seed, device, workers)
+    loader.set_epoch(epoch)
+    for views, labels, indices in loader:                      # views (2, B, 3, 224, 224)
+        v1, v2 = views                                         # v1 ~ T, v2 ~ T', normalised
 """
+import functools
+import io
 import math
+import os
+import sys
+from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+import torchvision
 
 # ------------------------------------------------------------------------------------------------
 # The two distributions side by side (paper Table 6; SPEC.md section 3)
@@ -135,11 +144,13 @@ def crop_box(u, height, width, view=T):
     return tuple(crop_boxes(u[None], height, width, view)[0].tolist())
 
 
-def center_crop_box(height, width, fraction=0.875):
-    """Evaluation crop: the centred square of side 0.875 min(H, W) (SPEC.md section 3, 'Eval crop';
-    resized to 224 this is the usual resize 256 + centre crop 224)."""
-    side = max(1, round(fraction * min(height, width)))
-    return (height - side) // 2, (width - side) // 2, side, side
+def center_crop_boxes(heights, widths, n, fraction=0.875):
+    """Evaluation crops: the centred square of side fraction x min(H, W) (SPEC.md section 3, 'Eval
+    crop'; resized to 224 this is the usual resize 256 + centre crop 224) for n images of the
+    given heights and widths (n,) (or one shared size) -> (n, 4) int64 rows (top, left, h, w)."""
+    height, width = (torch.as_tensor(s).expand(n) for s in (heights, widths))
+    side = (fraction * torch.minimum(height, width)).round().clamp_min(1).long()
+    return torch.stack([(height - side) // 2, (width - side) // 2, side, side], dim=1)
 
 
 def resized_crop(image, box, size):
@@ -339,3 +350,387 @@ def eval_batch(crops, u=None):
     if u is not None:
         x = flip(x, u)
     return normalize(x)
+
+# ------------------------------------------------------------------------------------------------
+# Image sources: an image folder or a named torchvision dataset
+# ------------------------------------------------------------------------------------------------
+# A source has len(), labels (one int per image; -1: none), classes, name(i), read(indices) (a
+# list of file bytes, or of decoded images, or one (B, 3, H, W) uint8 tensor), load(i) (one image
+# decoded, uint8 (3, H, W)) and shared_size ((H, W) if every image has that size, else None).
+NAMED_DATASETS = ('cifar10', 'cifar100', 'stl10', 'fashionmnist')
+MAX_IN_MEMORY = 200_000  # images held on the device: CIFAR, STL-10 (105k at 96 px: 2.9 GB)
+
+
+class UserError(Exception):
+    """A problem with the user's input (data, flags, files): reported as one line, no traceback."""
+
+
+def decode(data):
+    """File bytes (uint8 1-D) -> uint8 image (3, H, W): libjpeg-turbo / libpng through
+    torchvision (faster than PIL, the same pixels), PIL for the formats it lacks (BMP, TIFF)."""
+    try:
+        return torchvision.io.decode_image(data, mode=torchvision.io.ImageReadMode.RGB)
+    except RuntimeError:
+        from PIL import Image
+        with Image.open(io.BytesIO(data.numpy().tobytes())) as image:
+            return torchvision.transforms.functional.pil_to_tensor(image.convert('RGB'))
+
+
+class FolderImages:
+    """Images of a <root>/<class>/<image> folder, read as file bytes."""
+
+    def __init__(self, root):
+        try:
+            folder = torchvision.datasets.ImageFolder(root)
+        except (FileNotFoundError, OSError) as e:
+            raise UserError(f'{root} holds no images in class folders ({str(e).strip()}); '
+                            'expected <root>/<class>/<image>.jpg') from None
+        self.samples, self.classes = folder.samples, folder.classes
+        self.labels = [label for _, label in self.samples]
+
+    def __len__(self):
+        return len(self.samples)
+
+    def name(self, i):
+        return self.samples[i][0]
+
+    def read(self, indices):
+        return [torchvision.io.read_file(self.samples[i][0])
+                for i in torch.as_tensor(indices).tolist()]
+
+    def load(self, i):
+        return decode(self.read([i])[0])
+
+    @functools.cached_property
+    def shared_size(self):
+        """(H, W) if every image has that one size, read from the files' headers (seconds for
+        50,000 images; it stops at the second size it meets), else None. Folders of more than
+        MAX_IN_MEMORY images are not read (None). Unreadable files are left to the decoder."""
+        if len(self) > MAX_IN_MEMORY:
+            return None
+        from PIL import Image
+        sizes = set()
+        for path, _ in self.samples:
+            try:
+                with Image.open(path) as image:
+                    sizes.add(image.size[::-1])
+            except Exception:
+                continue
+            if len(sizes) > 1:
+                return None
+        return sizes.pop() if sizes else None
+
+
+class ArrayImages:
+    """Images held in memory as uint8 (N, 3, H, W) with integer labels (on any device)."""
+
+    def __init__(self, data, labels, classes):
+        self.data, self.labels, self.classes = data, [int(y) for y in labels], classes
+        self.shared_size = tuple(data.shape[-2:])
+
+    def __len__(self):
+        return len(self.data)
+
+    def name(self, i):
+        return f'image {i}'
+
+    def read(self, indices):
+        return self.data[torch.as_tensor(indices, device=self.data.device)]
+
+    def load(self, i):
+        return self.data[i]
+
+
+class Subset:
+    """Some of an image source's images, by index."""
+
+    def __init__(self, images, indices):
+        self.images, self.indices = images, list(indices)
+        self.labels = [images.labels[i] for i in self.indices]
+        self.classes = images.classes
+
+    def __len__(self):
+        return len(self.indices)
+
+    @property
+    def shared_size(self):
+        return self.images.shared_size
+
+    def name(self, i):
+        return self.images.name(self.indices[i])
+
+    def read(self, indices):
+        return self.images.read([self.indices[i] for i in torch.as_tensor(indices).tolist()])
+
+    def load(self, i):
+        return self.images.load(self.indices[i])
+
+
+def random_indices(n, k, seed):
+    """k of range(n), drawn by a seeded permutation, in increasing order (quick-run subsets)."""
+    return sorted(torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:k].tolist())
+
+
+def named_images(name, root, train, download):
+    """A torchvision dataset held in memory as ArrayImages (train or test split)."""
+    datasets = torchvision.datasets
+    try:
+        if name == 'stl10':
+            ds = datasets.STL10(root, split='train+unlabeled' if train else 'test',
+                                download=download)
+            data, labels = torch.as_tensor(ds.data), ds.labels
+        else:
+            cls = {'cifar10': datasets.CIFAR10, 'cifar100': datasets.CIFAR100,
+                   'fashionmnist': datasets.FashionMNIST}[name]
+            ds = cls(root, train=train, download=download)
+            data, labels = torch.as_tensor(ds.data), ds.targets
+            data = data[:, None].expand(-1, 3, -1, -1) if data.dim() == 3 else \
+                data.permute(0, 3, 1, 2)
+    except RuntimeError as e:
+        raise UserError(f'{name} not found under --data-root {root} ({str(e).strip()}); pass '
+                        '--download to fetch it, or point --data-root at its folder') from None
+    return ArrayImages(data.contiguous(), labels, ds.classes)
+
+
+def load_images(data, data_root='data', download=False, split='train'):
+    """--data as an image source: a named dataset (split 'val' is its test set), or an
+    ImageNet-style folder (DATA/train and DATA/val, or class folders directly under DATA for the
+    training split)."""
+    if data.lower() in NAMED_DATASETS:
+        return named_images(data.lower(), data_root, split == 'train', download)
+    path = Path(data)
+    if not path.is_dir():
+        raise UserError(f'--data {data}: no such folder; give an ImageNet-style folder '
+                        f'(DATA/train/<class>/<image>) or one of {", ".join(NAMED_DATASETS)}')
+    if (path / split).is_dir():
+        path = path / split
+    elif split != 'train':
+        raise UserError(f'{data} has no {split}/ folder: labelled evaluation needs '
+                        f'{data}/{split}/<class>/<image>')
+    images = FolderImages(path)
+    try:
+        images.load(0)
+    except Exception as e:
+        raise UserError(f'cannot read image {images.name(0)} ({str(e).strip()[:200]}); '
+                        f'is {path} a folder of images?') from None
+    return images
+
+
+def default_image_size(images):
+    """The paper's 224 (with the ImageNet stem), except for a dataset whose images all share one
+    smaller size (CIFAR's 32 px, STL-10's 96): its native size (the small-image stem at <= 64 px).
+    Image folders of photos of varied sizes, and folders too large to check, train at 224."""
+    size = images.shared_size
+    return min(224, *size) if size else 224
+
+
+def images_in_memory(images):
+    """All images as one uint8 tensor (N, 3, H, W) if they fit (a named dataset, or a folder of
+    at most MAX_IN_MEMORY images of one size and 8 GiB in all), else None. An unreadable image
+    is replaced by the next readable one, with a warning."""
+    if isinstance(images, ArrayImages):
+        return images.data
+    size = images.shared_size
+    if size is None or len(images) * 3 * size[0] * size[1] > 8 * 2 ** 30:  # 8 GiB
+        return None
+    data = torch.empty(len(images), 3, *size, dtype=torch.uint8)
+    for i in range(len(images)):
+        for j in range(i, i + 100):
+            try:
+                data[i] = images.load(j % len(images))
+                break
+            except Exception as e:
+                if isinstance(e, RuntimeError) and 'shape' in str(e):
+                    return None  # a header that disagrees with its pixels
+                warn_unreadable(images.name(j % len(images)), e)
+        else:
+            raise UserError(f'100 unreadable images in a row from {images.name(i)}')
+    return data
+
+
+def warn_unreadable(name, error):
+    print(f'warning: skipping unreadable image {name}: {str(error).strip()[:200]}',
+          file=sys.stderr, flush=True)
+
+# ------------------------------------------------------------------------------------------------
+# The pipeline: image files -> batches of views on the training device
+# ------------------------------------------------------------------------------------------------
+# Four stages, each a function of a batch (data, u, labels, indices):
+#   read    the images' file bytes, or the images themselves when they are held in memory
+#   decode  file bytes -> uint8 images (3, H, W); a batch neighbour stands in for an unreadable one
+#   crop    -> uint8 crops (b, V, 3, S, S): random resized crops (the geometric half of T and T'),
+#           or centre crops for evaluation; uint8, so that 4x fewer bytes travel to the device
+#   views   -> normalised float views (V, b, 3, S, S): T and T' (mode 'byol'), a random flip
+#           (mode 'train': linear evaluation and fine-tuning) or nothing (mode 'eval')
+# The stages before `on_device` run in the data loader (its worker processes, if any); the rest
+# on the training device, over the whole batch. Where each runs changes the speed, not the views.
+STAGES = ('read', 'decode', 'crop', 'views')
+MODES = {'byol': 2, 'train': 1, 'eval': 1}  # mode -> views per image
+
+
+def default_workers():
+    """The CPU cores of this process less one (the training loop's), at most 10."""
+    per_process = (os.cpu_count() or 2) // int(os.environ.get('LOCAL_WORLD_SIZE', 1))
+    return max(0, min(10, per_process - 1))
+
+
+class Pipeline(torch.utils.data.Dataset):
+    """The stages for one image source, crop size and mode; a Dataset whose items are keys
+    (epoch, index) and whose batches run the loader's stages (__getitems__)."""
+
+    def __init__(self, images, size, mode, seed=0, device=torch.device('cpu'), on_device=None,
+                 center_fraction=0.875):
+        self.images, self.size, self.mode, self.seed = images, size, mode, seed
+        self.device, self.center_fraction = device, center_fraction
+        self.split = STAGES.index(on_device) if on_device else len(STAGES)
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitems__(self, keys):
+        """The loader's part: keys [(epoch, i), ...] -> the batch after the loader's stages."""
+        epochs, indices = (torch.tensor(k) for k in zip(*keys))
+        u = uniforms(self.seed, epochs, indices, MODES[self.mode])  # (b, V, N_SLOTS)
+        labels = torch.tensor([self.images.labels[i] for i in indices.tolist()])
+        return self.run((None, u, labels, indices), STAGES[:self.split])
+
+    def finish(self, batch):
+        """The device's part -> (views (V, b, 3, S, S), labels (b,), indices (b,)) there."""
+        data, *rest = batch
+        batch = (data.to(self.device, non_blocking=True) if torch.is_tensor(data) else data,
+                 *(t.to(self.device, non_blocking=True) for t in rest))
+        views, _, labels, indices = self.run(batch, STAGES[self.split:])
+        return views, labels, indices
+
+    def run(self, batch, stages):
+        for stage in stages:
+            batch = (getattr(self, stage)(*batch), *batch[1:])
+        return batch
+
+    def read(self, data, u, labels, indices):
+        return self.images.read(indices)
+
+    def decode(self, data, u, labels, indices):
+        if torch.is_tensor(data):  # held in memory: decoded already
+            return data
+        if self.device.type == 'cuda' and self.split <= STAGES.index('decode'):
+            try:  # nvJPEG, the whole batch at once
+                return torchvision.io.decode_jpeg(data, mode=torchvision.io.ImageReadMode.RGB,
+                                                  device=self.device)
+            except RuntimeError:  # PNG, CMYK, corrupt: one by one below
+                pass
+        images = []
+        for item, i in zip(data, indices.tolist()):
+            try:
+                images.append(item if item.dim() == 3 else decode(item).to(item.device))
+            except Exception as e:
+                warn_unreadable(self.images.name(i), e)
+                images.append(None)
+        readable = [image for image in images if image is not None]
+        if not readable:
+            raise UserError(f'a batch of {len(images)} unreadable images, from '
+                            f'{self.images.name(indices[0].item())}')
+        return [image if image is not None else readable[0] for image in images]
+
+    def crop(self, data, u, labels, indices):
+        if torch.is_tensor(data):  # (b, 3, H, W), one size: every crop in batched products
+            heights, widths = data.shape[-2:]
+        else:
+            heights, widths = torch.tensor([image.shape[-2:] for image in data]).T
+            u = u.cpu()
+        if self.mode == 'eval':
+            boxes = center_crop_boxes(heights, widths, len(u), self.center_fraction)[:, None]
+        else:
+            boxes = torch.stack([crop_boxes(u[:, v], heights, widths)
+                                 for v in range(u.shape[1])], dim=1)            # (b, V, 4)
+        if torch.is_tensor(data):
+            return torch.stack([resized_crops(data, boxes[:, v], self.size)
+                                for v in range(boxes.shape[1])], dim=1)
+        return crops_of(data, boxes, self.size)
+
+    def views(self, crops, u, labels, indices):
+        if self.mode == 'byol':
+            return torch.stack([augment_batch(crops[:, 0], u[:, 0], T),
+                                augment_batch(crops[:, 1], u[:, 1], T_PRIME)])
+        return eval_batch(crops[:, 0], u[:, 0] if self.mode == 'train' else None)[None]
+
+
+class EpochSampler(torch.utils.data.DistributedSampler):
+    """DistributedSampler that yields (epoch, index) and can start mid-epoch, so that a resumed
+    run sees exactly the batches the interrupted one would have. With drop_last, batch k of
+    the global batch B holds permutation[kB:(k+1)B] whatever the number of processes."""
+
+    def __init__(self, dataset, shuffle=True, seed=0):
+        distributed = dist.is_available() and dist.is_initialized()
+        super().__init__(dataset, num_replicas=dist.get_world_size() if distributed else 1,
+                         rank=dist.get_rank() if distributed else 0, shuffle=shuffle, seed=seed,
+                         drop_last=shuffle)
+        self.skip = 0
+
+    def set_epoch(self, epoch, skip=0):
+        super().set_epoch(epoch)
+        self.skip = skip
+
+    def __iter__(self):
+        indices = list(super().__iter__())[self.skip:]
+        return iter([(self.epoch, i) for i in indices])
+
+    def __len__(self):
+        return self.num_samples - self.skip
+
+
+def _batch_as_is(batch):  # the loader's collate: __getitems__ made the batch already
+    return batch
+
+
+class Batches:
+    """Batches of views: for views, labels, indices in Batches(...), on the training device.
+    Training batches (shuffle) are drawn by an EpochSampler: set_epoch(epoch, skip_batches)
+    before each epoch. batch_size is per process."""
+
+    def __init__(self, pipeline, batch_size, workers=0, shuffle=True):
+        self.pipeline, self.batch_size = pipeline, batch_size
+        self.sampler = EpochSampler(pipeline, shuffle, pipeline.seed)
+        self.loader = torch.utils.data.DataLoader(
+            pipeline, batch_size=batch_size, sampler=self.sampler, num_workers=workers,
+            collate_fn=_batch_as_is, pin_memory=pipeline.device.type == 'cuda',
+            drop_last=shuffle, persistent_workers=workers > 0,
+            prefetch_factor=4 if workers > 0 else None)
+
+    def set_epoch(self, epoch, skip_batches=0):
+        self.sampler.set_epoch(epoch, skip_batches * self.batch_size)
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        return (self.pipeline.finish(batch) for batch in self.loader)
+
+
+def batches(images, size, batch_size, mode, seed=0, device=torch.device('cpu'), workers=0,
+            in_memory=False, decode_on_device=False, center_fraction=0.875):
+    """Batches of views of an image source -> (Batches, where its stages run, in words).
+
+    Where the stages run: a dataset held in memory (in_memory: True, or None for where it fits,
+    images_in_memory) is cropped and augmented on the device, whole batches at once, with no
+    loader workers; decode_on_device (GPUs: nvJPEG) leaves the loader only the files to read;
+    otherwise the workers decode and crop, and the views are made on the GPU, or, on a CPU, in
+    the workers too (they then overlap with the training step)."""
+    data = images_in_memory(images) if in_memory is not False else None
+    if in_memory and data is None:
+        raise UserError(f'--data-on-device needs at most {MAX_IN_MEMORY} images of one size')
+    if decode_on_device and (data is not None or not isinstance(images, FolderImages)):
+        raise UserError('--decode-on-device is for image folders read from disk; '
+                        'add --no-data-on-device, or drop --decode-on-device')
+    if data is not None:
+        images = ArrayImages(data.to(device), images.labels, images.classes)
+        on_device, workers, where = 'read', 0, 'held in memory, cropped and augmented there'
+    elif decode_on_device:
+        on_device, where = 'decode', 'read by the loader, decoded and augmented there'
+    elif device.type == 'cuda':
+        on_device, where = 'views', 'decoded and cropped by the loader, augmented there'
+    else:
+        on_device, where = None, 'decoded, cropped and augmented by the loader'
+    pipeline = Pipeline(images, size, mode, seed, device, on_device, center_fraction)
+    return Batches(pipeline, batch_size, workers, shuffle=mode != 'eval'), \
+        f'{len(images)} images on {device.type}, {where}'

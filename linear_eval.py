@@ -1,4 +1,6 @@
-"""linear_eval.py: BYOL's linear evaluation protocol (paper section 4.1, appendix C.1).
+"""linear_eval.py: BYOL's linear evaluation protocol (paper section 4.1, appendix C.1), and the
+evaluation hub that semi_sup.py and transfer.py build on: the encoder to evaluate and its settings,
+frozen features, kNN, top-k, and the training loop of every evaluation protocol.
 
 A linear classifier is trained on top of the frozen encoder (BN in eval mode, no extra BN): SGD with
 Nesterov momentum 0.9, batch 1024, 80 epochs, no weight decay, cosine lr, random resized crop + flip
@@ -26,6 +28,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
@@ -37,11 +40,15 @@ from byol import UserError, log
 LR_GRID = (0.4, 0.3, 0.2, 0.1, 0.05)  # paper appendix C.1
 IMAGENET_HOLDOUT = 10009              # paper appendix C.1: the last 10,009 training images
 
+# ------------------------------------------------------------------------------------------------
+# The command line: the arguments every evaluation script shares, and this protocol's
+# ------------------------------------------------------------------------------------------------
+
 
 def add_data_arguments(p):
     """--data, --data-root, --download: as byol.py's."""
     p.add_argument('--data', required=True, help='as byol.py: an image folder with train/ and '
-                   'val/, or one of ' + ', '.join(byol.NAMED_DATASETS))
+                   'val/, or one of ' + ', '.join(augment.NAMED_DATASETS))
     p.add_argument('--data-root', default='data', help='where named datasets live (default: '
                    './data)')
     p.add_argument('--download', action='store_true', help='download a missing named dataset')
@@ -50,29 +57,21 @@ def add_data_arguments(p):
 def add_encoder_arguments(p):
     """The encoder to evaluate, shared by the evaluation scripts: a byol.py checkpoint or
     encoder.pth, or (omitted) a randomly initialised one described by --arch and --width; its
-    input size; the precision."""
+    input size; the precision and the loader's workers."""
     a = p.add_argument
-    a('--pretrained', default=None, help='byol.py checkpoint.pth or exported encoder.pth; '
-      'omitted: a randomly initialised encoder (a baseline)')
-    a('--arch', default=None, choices=byol.ARCHS, help='encoder when --pretrained is omitted '
-      '(default resnet50); with --pretrained it is read from the checkpoint')
-    a('--width', type=byol.positive_int, default=None,
-      help='as byol.py, when --pretrained is omitted')
+    a('--pretrained', help='byol.py checkpoint.pth or exported encoder.pth; omitted: a randomly '
+      'initialised encoder (a baseline)')
+    a('--arch', choices=byol.ARCHS, help='encoder when --pretrained is omitted (default '
+      'resnet50); with --pretrained it is read from the checkpoint')
+    a('--width', type=byol.positive_int, help='as byol.py, when --pretrained is omitted')
     a('--small-images', action='store_true', default=None, help='as byol.py, when --pretrained '
       'is omitted (default: on when the image size is <= 64)')
-    a('--image-size', type=byol.positive_int, default=None, help='input size (default: the '
-      'size the encoder was trained at, from checkpoint.pth or the encoder.json beside '
-      'encoder.pth; for a random init or a file without it, byol.py\'s default for the data)')
-    a('--amp', choices=byol.AMP_CHOICES, default=None, help='autocast precision, as byol.py '
-      '(default: bf16 on GPUs and on CPUs with AMX, else none)')
-
-
-def append_result(output_dir, results):
-    """One JSON line appended to <output_dir>/results.jsonl (rank 0), so runs can be tabulated."""
-    if byol.is_main():
-        Path(output_dir).mkdir(parents=True, exist_ok=True)
-        with open(Path(output_dir) / 'results.jsonl', 'a') as f:
-            f.write(json.dumps(results) + '\n')
+    a('--image-size', type=byol.positive_int, help='input size (default: the size the encoder '
+      'was trained at, from checkpoint.pth or the encoder.json beside encoder.pth; for a random '
+      'init or a file without it, byol.py\'s default for the data)')
+    a('--amp', choices=byol.AMP_CHOICES, help='autocast precision, as byol.py (default: bf16 on '
+      'GPUs and on CPUs with AMX, else none)')
+    a('--workers', type=byol.nonnegative_int, help='data-loader processes per process')
 
 
 def get_parser():
@@ -94,12 +93,161 @@ def get_parser():
       'random subset; 0: all)')
     a('--cached', action=argparse.BooleanOptionalAction, default=None,
       help='train on cached centre-crop features (default: on below 200k training images)')
-    a('--workers', type=byol.nonnegative_int, default=None,
-      help='data-loader processes per process')
     a('--seed', type=int, default=0, help='seeds the held-out split, the order and the heads')
     a('--output-dir', default='runs/linear_eval', help='results.jsonl is appended here')
     return p
 
+
+# ------------------------------------------------------------------------------------------------
+# The shared setup: processes, precision, the encoder to evaluate and its settings
+# ------------------------------------------------------------------------------------------------
+
+
+def start(args):
+    """What every evaluation script does first: check the output folder, set up the processes
+    (torchrun or not) -> (world, device, amp, workers)."""
+    _, world, device = byol.setup_distributed()
+    byol.check_output_dir(args.output_dir)
+    if device.type == 'cuda':
+        torch.backends.cudnn.benchmark = True
+    amp = args.amp or byol.default_amp()
+    return world, device, amp, augment.default_workers() if args.workers is None else args.workers
+
+
+def describe_encoder(state):
+    """(arch, width, small_images) of a plain encoder state dict, read from its keys and shapes."""
+    if 'conv1.weight' not in state:
+        return 'convnet', state['0.0.weight'].shape[0], False
+    conv1 = state['conv1.weight']
+    bottleneck = 'layer1.0.conv3.weight' in state
+    layers = [len({k.split('.')[1] for k in state if k.startswith(f'layer{i}.')})
+              for i in (1, 2, 3, 4)]
+    arch = next((name for name, (block, blocks) in byol.RESNET_LAYERS.items()
+                 if blocks == layers and (block is byol.Bottleneck) == bottleneck), None)
+    if arch is None:
+        raise UserError(f'unknown ResNet layout {layers}')
+    return arch, conv1.shape[0] // 64, conv1.shape[-1] == 3
+
+
+def encoder_state(checkpoint, path):
+    """The online encoder's state dict and its settings {arch, width, small_images, image_size}
+    from a byol.py checkpoint, or from an encoder.pth and the encoder.json beside it (without
+    one: arch, width and stem read from the weights, image_size None)."""
+    if 'online' in checkpoint and 'config' in checkpoint:
+        state = {k[len('encoder.'):]: v for k, v in checkpoint['online'].items()
+                 if k.startswith('encoder.')}
+        return state, {k: checkpoint['config'][k] for k in byol.ENCODER_SETTINGS}
+    if not all(torch.is_tensor(v) for v in checkpoint.values()):
+        raise KeyError('neither a byol.py checkpoint nor an encoder state dict')
+    side = byol.settings_file(path)
+    if side.is_file():
+        settings = json.loads(side.read_text())
+        return checkpoint, {k: settings[k] for k in byol.ENCODER_SETTINGS}
+    arch, width, small_images = describe_encoder(checkpoint)
+    return checkpoint, dict(arch=arch, width=width, small_images=small_images, image_size=None)
+
+
+def load_encoder(path):
+    """(encoder, feature_dim, settings) from a byol.py checkpoint or an exported encoder.pth;
+    settings: {arch, width, small_images, image_size} (image_size None if unknown). One-line
+    UserError if the file is missing or is neither."""
+    checkpoint = byol.load_file(path)
+    try:
+        state, settings = encoder_state(checkpoint, path)
+    except (KeyError, AttributeError, IndexError, ValueError) as e:
+        raise UserError(f'{path} is not a byol.py checkpoint or encoder.pth ({e})') from None
+    encoder, feature_dim = byol.build_encoder(settings['arch'], settings['small_images'],
+                                         settings['width'])
+    try:
+        encoder.load_state_dict(state)
+    except RuntimeError as e:
+        raise UserError(f'{path}: its weights do not fit a {settings["arch"]} encoder '
+                        f'({str(e).splitlines()[1].strip()[:150]})') from None
+    return encoder, feature_dim, settings
+
+
+def frozen_encoder(args, images, device):
+    """The encoder to evaluate, frozen and in eval mode (BN uses its stored statistics), and the
+    input size to evaluate it at: one policy for every evaluation script -> (encoder,
+    feature_dim, size). --pretrained: the encoder as it was trained (architecture, width, stem,
+    image size: from checkpoint.pth, or the encoder.json beside encoder.pth); omitted: a randomly
+    initialised --arch (a baseline) at byol.py's default size for the data (`images`).
+    --image-size overrides either."""
+    if args.pretrained:
+        encoder, feature_dim, settings = load_encoder(args.pretrained)
+        arch = settings['arch']
+        if args.arch and args.arch != arch:
+            raise UserError(f'{args.pretrained} holds a {arch} encoder, not --arch {args.arch}; '
+                            'drop --arch (it is read from the checkpoint) or pass another file')
+        size = args.image_size or settings['image_size'] or augment.default_image_size(images)
+        why = '--image-size' if args.image_size else 'its training size' if \
+            settings['image_size'] else 'the data\'s default: the file gives no training size'
+        log(f'encoder: {arch} from {args.pretrained}, at {size} px ({why})')
+    else:
+        size = args.image_size or augment.default_image_size(images)
+        small = args.small_images if args.small_images is not None else size <= 64
+        encoder, feature_dim = byol.build_encoder(args.arch or 'resnet50', small, args.width)
+        log(f'WARNING: no --pretrained given: a RANDOMLY INITIALISED encoder (a baseline), at '
+            f'{size} px')
+    encoder.requires_grad_(False)
+    return encoder.to(device).eval(), feature_dim, size
+
+
+# ------------------------------------------------------------------------------------------------
+# Frozen features, kNN, top-k
+# ------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def features(model, images, size, batch_size, workers, device, amp='none', center_fraction=0.875):
+    """The model's outputs on centre crops of every image (BN in eval mode), gathered over
+    processes -> (features (N, D) float32, labels (N,)), in the images' order."""
+    loader, _ = augment.batches(images, size, batch_size, 'eval', device=device, workers=workers,
+                                center_fraction=center_fraction)
+    was_training = model.training
+    model.eval()
+    outputs, labels, indices = [], [], []
+    loader.set_epoch(0)
+    for (x,), label, index in loader:
+        with byol.autocast(device, amp):
+            outputs.append(model(x).float())
+        labels.append(label)
+        indices.append(index)
+    outputs, labels, indices = torch.cat(outputs), torch.cat(labels), torch.cat(indices)
+    if byol.world_size() > 1:  # every process holds the same number of (padded) items
+        outputs, labels, indices = (all_gather(t) for t in (outputs, labels, indices))
+    out = torch.zeros(len(images), outputs.shape[1], device=device)
+    out[indices] = outputs
+    out_labels = torch.zeros(len(images), dtype=torch.long, device=device)
+    out_labels[indices] = labels
+    model.train(was_training)
+    return out, out_labels
+
+
+def all_gather(t):
+    gathered = [torch.empty_like(t) for _ in range(byol.world_size())]
+    dist.all_gather(gathered, t)
+    return torch.cat(gathered)
+
+
+def knn_predict(train_features, train_labels, test_features, n_classes, k=20, temperature=0.07):
+    """Weighted kNN (Wu et al. 2018; as DINO): the k most cosine-similar training features vote
+    for their label with weight exp(similarity / temperature) -> class scores (N_test, C)."""
+    train = F.normalize(train_features, dim=1)
+    scores = []
+    for chunk in F.normalize(test_features, dim=1).split(1024):
+        similarity, neighbours = (chunk @ train.T).topk(min(k, len(train)), dim=1)  # (c, k)
+        votes = torch.zeros(len(chunk), n_classes, device=chunk.device)
+        votes.scatter_add_(1, train_labels[neighbours], (similarity / temperature).exp())
+        scores.append(votes)
+    return torch.cat(scores)
+
+
+def topk_accuracy(scores, labels, ks=(1, 5)):
+    """Percentage of rows whose label is among the k highest scores, for each k."""
+    top = scores.topk(min(max(ks), scores.shape[1]), dim=1).indices  # (N, kmax)
+    hits = top == labels[:, None]
+    return [100.0 * hits[:, :k].any(dim=1).float().mean().item() for k in ks]
 
 # ------------------------------------------------------------------------------------------------
 # Classifiers and their training loop (also used by semi_sup.py and transfer.py)
@@ -133,16 +281,14 @@ class Classifier(nn.Module):
         return self.head(self.encoder(x))
 
 
-def augmented_batches(loader, device, targets=None):
-    """batches(epoch) for fit from a loader of random crops (byol.Crops, random=True): flipped,
-    normalised images (B, 3, S, S) and their labels, or their rows of `targets` (indexed by
-    image, on the device), on the device (linear evaluation's augmentation)."""
+def augmented_batches(loader, targets=None):
+    """batches(epoch) for fit from an augment.batches loader of mode 'train' (random resized
+    crop + flip): images (B, 3, S, S) and their labels, or their rows of `targets` (indexed by
+    image, on the device)."""
     def batches(epoch):
-        loader.sampler.set_epoch(epoch)
-        for crops, u, labels, index in loader:
-            yield (augment.eval_batch(crops[:, 0].to(device, non_blocking=True),
-                                      u[:, 0].to(device)),
-                   labels.to(device) if targets is None else targets[index.to(device)])
+        loader.set_epoch(epoch)
+        for (x,), labels, index in loader:
+            yield x, labels if targets is None else targets[index]
     return batches
 
 
@@ -196,7 +342,7 @@ def predict(model, features, batch_size=4096):
 
 def select(logits, labels, lrs):
     """Index of the head with the best top-1 on the held-out split, and every head's top-1."""
-    accuracies = [byol.topk_accuracy(z, labels, ks=(1,))[0] for z in logits]
+    accuracies = [topk_accuracy(z, labels, ks=(1,))[0] for z in logits]
     return max(range(len(lrs)), key=lambda i: accuracies[i]), accuracies
 
 
@@ -230,31 +376,12 @@ def split_indices(n, holdout, train_images, seed):
 # ------------------------------------------------------------------------------------------------
 
 
-def frozen_encoder(args, images, device):
-    """The encoder to evaluate, frozen and in eval mode (BN uses its stored statistics), and the
-    input size to evaluate it at: one policy for every evaluation script -> (encoder,
-    feature_dim, size). --pretrained: the encoder as it was trained (architecture, width, stem,
-    image size: from checkpoint.pth, or the encoder.json beside encoder.pth); omitted: a randomly
-    initialised --arch (a baseline) at byol.py's default size for the data (`images`).
-    --image-size overrides either."""
-    if args.pretrained:
-        encoder, feature_dim, settings = byol.load_encoder(args.pretrained)
-        arch = settings['arch']
-        if args.arch and args.arch != arch:
-            raise UserError(f'{args.pretrained} holds a {arch} encoder, not --arch {args.arch}; '
-                            'drop --arch (it is read from the checkpoint) or pass another file')
-        size = args.image_size or settings['image_size'] or byol.default_image_size(images)
-        why = '--image-size' if args.image_size else 'its training size' if \
-            settings['image_size'] else 'the data\'s default: the file gives no training size'
-        log(f'encoder: {arch} from {args.pretrained}, at {size} px ({why})')
-    else:
-        size = args.image_size or byol.default_image_size(images)
-        small = args.small_images if args.small_images is not None else size <= 64
-        encoder, feature_dim = byol.build_encoder(args.arch or 'resnet50', small, args.width)
-        log(f'WARNING: no --pretrained given: a RANDOMLY INITIALISED encoder (a baseline), at '
-            f'{size} px')
-    encoder.requires_grad_(False)
-    return encoder.to(device).eval(), feature_dim, size
+def append_result(output_dir, results):
+    """One JSON line appended to <output_dir>/results.jsonl (rank 0), so runs can be tabulated."""
+    if byol.is_main():
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+        with open(Path(output_dir) / 'results.jsonl', 'a') as f:
+            f.write(json.dumps(results) + '\n')
 
 
 def main(argv=None):
@@ -262,16 +389,13 @@ def main(argv=None):
 
 
 def run(args):
-    rank, world, device = byol.setup_distributed()
-    byol.check_output_dir(args.output_dir)
-    torch.manual_seed(args.seed)
-    start = time.time()
-    train_images = byol.load_images(args.data, args.data_root, args.download, 'train')
-    val_images = byol.load_images(args.data, args.data_root, args.download, 'val')
-    amp = args.amp or byol.default_amp()
-    workers = byol.default_workers() if args.workers is None else args.workers
+    world, device, amp, workers = start(args)
+    started = time.time()
+    train_images = augment.load_images(args.data, args.data_root, args.download, 'train')
+    val_images = augment.load_images(args.data, args.data_root, args.download, 'val')
     if args.batch_size % world:
         raise UserError(f'--batch-size {args.batch_size} does not divide over {world} processes')
+    torch.manual_seed(args.seed)
     encoder, feature_dim, size = frozen_encoder(args, train_images, device)
     before = {k: v.clone() for k, v in encoder.state_dict().items()}
     n_classes = len(train_images.classes)
@@ -283,9 +407,8 @@ def run(args):
         f'images; {n_classes} classes; {"cached features" if cached else "images"}, '
         f'{args.epochs} epochs, lr grid {list(args.lr)}')
 
-    def features(images):  # frozen features of centre crops, gathered over processes
-        return byol.centre_crop_features(encoder, images, size, args.batch_size // world,
-                                         workers, device, amp)
+    def frozen_features(images):  # of centre crops, gathered over processes
+        return features(encoder, images, size, args.batch_size // world, workers, device, amp)
 
     torch.manual_seed(args.seed)
     heads = Heads(feature_dim, n_classes, len(args.lr)).to(device)
@@ -294,7 +417,7 @@ def run(args):
     results = dict(data=args.data, pretrained=args.pretrained, cached=cached, epochs=args.epochs,
                    train_images=len(train_idx), image_size=size)
     if cached:
-        x, y = features(byol.Subset(train_images, train_idx))
+        x, y = frozen_features(augment.Subset(train_images, train_idx))
         # DEVIATION (cached mode only): the classifiers train on the features of centre crops,
         # computed once, without the protocol's random resized crop and flip; and the features
         # are standardised with the training features' mean and std, a fixed affine map (the
@@ -306,26 +429,25 @@ def run(args):
         fit(heads, optimizer, batches, args.epochs, math.ceil(len(x) / args.batch_size), device,
             name='linear')
     else:  # the paper's protocol: random resized crop + flip, features recomputed every epoch
-        loader = byol.make_loader(byol.Crops(byol.Subset(train_images, train_idx), size,
-                                             n_views=1, random=True, seed=args.seed),
-                                  args.batch_size // world, workers, True, args.seed, device)
+        loader, _ = augment.batches(augment.Subset(train_images, train_idx), size,
+                                    args.batch_size // world, 'train', args.seed, device, workers)
 
         def batches(epoch):  # features of freshly augmented images, every epoch
-            for x, labels in augmented_batches(loader, device)(epoch):
+            for x, labels in augmented_batches(loader)(epoch):
                 with torch.no_grad(), byol.autocast(device, amp):
                     y = encoder(x).float()
                 yield y, labels  # (not inside no_grad: the heads need gradients)
         model = DistributedDataParallel(heads) if world > 1 else heads
         fit(model, optimizer, batches, args.epochs, len(loader), device, name='linear')
-    held_out_x, held_out_y = features(byol.Subset(train_images, holdout_idx))
-    val_x, val_y = features(val_images)
+    held_out_x, held_out_y = frozen_features(augment.Subset(train_images, holdout_idx))
+    val_x, val_y = frozen_features(val_images)
     best, holdout_top1 = select(predict(heads, held_out_x), held_out_y, args.lr)
-    results['top1'], results['top5'] = byol.topk_accuracy(predict(heads, val_x)[best], val_y)
+    results['top1'], results['top5'] = topk_accuracy(predict(heads, val_x)[best], val_y)
     if cached:
-        knn_scores = byol.knn_predict(x, y, val_x, n_classes)
-        results['knn_top1'] = byol.topk_accuracy(knn_scores, val_y, ks=(1,))[0]
+        knn_scores = knn_predict(x, y, val_x, n_classes)
+        results['knn_top1'] = topk_accuracy(knn_scores, val_y, ks=(1,))[0]
     results.update(lr=args.lr[best], holdout_top1=dict(zip(map(str, args.lr), holdout_top1)),
-                   time_s=round(time.time() - start, 1))
+                   time_s=round(time.time() - started, 1))
 
     after = encoder.state_dict()
     if any(not torch.equal(before[k], after[k]) for k in before):

@@ -51,6 +51,7 @@ from pathlib import Path
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
+import augment
 import byol
 import linear_eval
 from byol import UserError, log
@@ -74,22 +75,17 @@ def get_parser():
       help='where 1percent.txt and 10percent.txt are (default: imagenet_subsets/ beside this '
       'script)')
     linear_eval.add_encoder_arguments(p)  # omitted --pretrained: the supervised baseline
-    a('--batch-size', type=byol.positive_int, default=None,
-      help=f'global batch (paper: {PAPER_BATCH}; by '
+    a('--batch-size', type=byol.positive_int, help=f'global batch (paper: {PAPER_BATCH}; by '
       f'default halved, with a warning, until an epoch has {MIN_STEPS_PER_EPOCH} steps)')
     a('--lr', type=byol.nonnegative_float, nargs='+', default=LR_GRID, help='lr grid (paper: '
       + ' '.join(map(str, LR_GRID)) + ')')
-    a('--epochs', type=byol.positive_int, nargs='+', default=EPOCHS_GRID,
-      help='epochs grid (paper: '
-      + ' '.join(map(str, EPOCHS_GRID)) + ')')
+    a('--epochs', type=byol.positive_int, nargs='+', default=EPOCHS_GRID, help='epochs grid '
+      '(paper: ' + ' '.join(map(str, EPOCHS_GRID)) + ')')
     a('--holdout', type=byol.nonnegative_int, default=None, help='training images outside the '
       'subset that choose lr and epochs (default: 10,009 for ImageNet, as the paper, else 10%% '
       'of the training images; 0 for a single setting)')
-    a('--val-images', type=byol.nonnegative_int, default=0,
-      help='report on this many validation images (a '
-      'seeded random subset, for quick runs; 0: all)')
-    a('--workers', type=byol.nonnegative_int, default=None,
-      help='data-loader processes per process')
+    a('--val-images', type=byol.nonnegative_int, default=0, help='report on this many '
+      'validation images (a seeded random subset, for quick runs; 0: all)')
     a('--seed', type=int, default=0, help='seeds the subset, the held-out split, the order, the '
       'augmentations and the new classifier')
     a('--output-dir', default='runs/semi_sup', help='results.jsonl is appended here')
@@ -197,7 +193,7 @@ def local_validation(labelled, n_images, holdout, seed):
     """`holdout` training images outside the labelled subset (seeded; sorted indices): the local
     validation split on which the grid's setting is chosen."""
     outside = sorted(set(range(n_images)) - set(labelled))
-    return [outside[i] for i in byol.random_indices(len(outside), holdout, seed)]
+    return [outside[i] for i in augment.random_indices(len(outside), holdout, seed)]
 
 # ------------------------------------------------------------------------------------------------
 # The network: encoder f and a new linear classifier, all of it trained
@@ -247,16 +243,11 @@ def main(argv=None):
 
 
 def run(args):
-    _, world, device = byol.setup_distributed()
-    byol.check_output_dir(args.output_dir)
+    world, device, amp, workers = linear_eval.start(args)
     start = time.time()
     log('config: ' + json.dumps(vars(args), sort_keys=True))
-    train_images = byol.load_images(args.data, args.data_root, args.download, 'train')
-    val_images = byol.load_images(args.data, args.data_root, args.download, 'val')
-    amp = args.amp or byol.default_amp()
-    workers = byol.default_workers() if args.workers is None else args.workers
-    if device.type == 'cuda':
-        torch.backends.cudnn.benchmark = True
+    train_images = augment.load_images(args.data, args.data_root, args.download, 'train')
+    val_images = augment.load_images(args.data, args.data_root, args.download, 'val')
 
     # Data: the labelled subset, the local validation split, the validation images. As the
     # paper (SPEC.md sections 4-5), every setting trains on the whole labelled subset and is
@@ -276,12 +267,12 @@ def run(args):
     if (len(grid) > 1 and holdout == 0) or holdout > outside:
         raise UserError(f'--holdout {holdout}: choosing among {len(grid)} settings needs 1 to '
                         f'{outside} held-out images (training images outside the subset)')
-    train_set = byol.Subset(train_images, labelled)
-    holdout_set = byol.Subset(train_images, local_validation(labelled, len(train_images),
-                                                             holdout, args.seed))
+    train_set = augment.Subset(train_images, labelled)
+    holdout_set = augment.Subset(train_images, local_validation(labelled, len(train_images),
+                                                                holdout, args.seed))
     if args.val_images and args.val_images < len(val_images):
-        val_images = byol.Subset(val_images, byol.random_indices(len(val_images),
-                                                                 args.val_images, args.seed))
+        val_images = augment.Subset(val_images, augment.random_indices(
+            len(val_images), args.val_images, args.seed))
     batch = args.batch_size or default_batch_size(len(train_set), world)
     if batch % world:
         raise UserError(f'--batch-size {batch} does not divide over {world} processes')
@@ -312,15 +303,12 @@ def run(args):
         f'{len(grid)}: lr {list(args.lr)} x epochs {list(args.epochs)}')
 
     # Augmentation as linear evaluation: random resized crop + flip; centre crops to evaluate.
-    loader = byol.make_loader(byol.Crops(train_set, size, n_views=1, random=True,
-                                         seed=args.seed),
-                              batch // world, workers, True, args.seed, device)
-
-    batches = linear_eval.augmented_batches(loader, device)
+    loader, _ = augment.batches(train_set, size, batch // world, 'train', args.seed, device,
+                                workers)
+    batches = linear_eval.augmented_batches(loader)
 
     def eval_logits(images):  # (N, C) on centre crops, BN in eval mode, gathered
-        return byol.centre_crop_features(net, images, size, batch // world, workers, device,
-                                         amp)
+        return linear_eval.features(net, images, size, batch // world, workers, device, amp)
 
     # The grid: each setting fine-tunes from the same start (its crops and order depend only on
     # the seed and the epoch), so settings are independent and a rerun can skip the finished
@@ -339,7 +327,7 @@ def run(args):
         linear_eval.fit(lambda x: model(x)[None], optimizer, batches, epochs, len(loader),
                         device, amp, name=f'lr {lr} x {epochs} ep')
         # (N, C) logits, BN in eval mode (running statistics), gathered over processes
-        holdout_top1.append(byol.topk_accuracy(*eval_logits(holdout_set), ks=(1,))[0]
+        holdout_top1.append(linear_eval.topk_accuracy(*eval_logits(holdout_set), ks=(1,))[0]
                             if len(holdout_set) else None)  # None: a single setting, no choice
         if best is None or holdout_top1[i] > holdout_top1[best]:
             best = i
@@ -356,7 +344,7 @@ def run(args):
     # The chosen network on the validation images.
     net.load_state_dict(best_state)
     val_logits, val_labels = eval_logits(val_images)
-    top1, top5 = byol.topk_accuracy(val_logits, val_labels)
+    top1, top5 = linear_eval.topk_accuracy(val_logits, val_labels)
     # How far fine-tuning moved the encoder: ||theta - theta_0|| / ||theta_0|| (0: it was frozen).
     moved = [(p.detach(), initial[f'encoder.{name}']) for name, p in net.encoder.named_parameters()]
     encoder_change = (sum((p - p0).square().sum() for p, p0 in moved) /

@@ -1,7 +1,11 @@
 """Tests for byol.py, augment.py, linear_eval.py, semi_sup.py and transfer.py. CPU only, minutes.
 
-    pytest test_byol.py            # everything; the CIFAR-10 tests skip if its folder is absent
-    pytest test_byol.py -k loss    # one group
+    pytest test_byol.py                  # everything; the CIFAR-10 tests skip if it is absent
+    pytest test_byol.py -m "not slow"    # the fast part (2-3 minutes on 2 cores)
+    pytest test_byol.py -k loss          # one group
+
+Helpers and fixtures first; then one section per file, byol.py's in the paper's order; last, the
+slow tests that pretrain on real data (marked slow).
 
 Numbers are checked against values computed by hand in the test, never against recorded outputs.
 """
@@ -38,11 +42,25 @@ CIFAR10 = Path(os.environ.get('BYOL_CIFAR10', HERE.parent / 'shared' / 'data' / 
 needs_cifar10 = pytest.mark.skipif(
     not (CIFAR10 / 'train').is_dir(),
     reason=f'CIFAR-10 image folder not found at {CIFAR10} (set BYOL_CIFAR10 to its path)')
-
+SUBSETS = Path(os.environ.get('BYOL_IMAGENET_SUBSETS',
+                              HERE.parent / 'shared' / 'data' / 'imagenet_subsets'))
+needs_subsets = pytest.mark.skipif(
+    not (SUBSETS / '1percent.txt').is_file() or not (SUBSETS / '10percent.txt').is_file(),
+    reason=f'ImageNet subset lists not found in {SUBSETS} (set BYOL_IMAGENET_SUBSETS)')
 # A tiny BYOL for the loop tests: convnet of width 4, small projector and predictor.
 TINY = ['--arch', 'convnet', '--width', '4', '--hidden-dim', '32', '--projection-dim', '16',
         '--batch-size', '16', '--workers', '0', '--log-every', '2', '--warmup-epochs', '1',
         '--lr', '0.4', '--amp', 'none']
+TINY_FT = ['--arch', 'convnet', '--width', '4', '--workers', '0', '--batch-size', '8']
+TINY_T = ['--arch', 'convnet', '--width', '4', '--workers', '0', '--image-size', '16']
+# The slow tests' BYOL run on CIFAR-10: convnet of width 16, five epochs of batch 128 (1,950
+# steps; 4-5 CPU-minutes). One epoch (1 min) already beats random init in a linear probe, but
+# fine-tuning from it does not beat fine-tuning from random init; five do (see the
+# semi-supervised test). Short CPU runs need a larger base lr than the 1000-epoch preset (the
+# official imagenette example uses 2.0).
+CIFAR_BYOL = ['--arch', 'convnet', '--width', '16', '--batch-size', '128', '--epochs', '5',
+              '--lr', '4.0', '--tau', '0.99', '--warmup-epochs', '0.1', '--hidden-dim', '512',
+              '--projection-dim', '128', '--workers', '0', '--log-every', '30', '--seed', '0']
 
 
 @pytest.fixture(scope='session')
@@ -62,6 +80,28 @@ def image_folder(tmp_path_factory):
     return root
 
 
+@pytest.fixture(scope='session')
+def tiny_checkpoint(image_folder, tmp_path_factory):
+    out = tmp_path_factory.mktemp('tiny')
+    assert run_main(byol, ['--data', image_folder, *TINY, '--epochs', '2', '--output-dir',
+                           out])[0] == 0
+    return out / 'checkpoint.pth'
+
+
+@pytest.fixture(scope='session')
+def cifar_byol(tmp_path_factory):
+    """One short BYOL run on the CIFAR-10 folder, shared by the tests that need a trained
+    encoder -> (output folder, printed progress lines)."""
+    if not (CIFAR10 / 'train').is_dir():
+        pytest.skip(f'CIFAR-10 image folder not found at {CIFAR10}')
+    out = tmp_path_factory.mktemp('cifar_byol')
+    result = subprocess.run([sys.executable, str(HERE / 'byol.py'), '--data', str(CIFAR10),
+                             *CIFAR_BYOL, '--output-dir', str(out)],
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out, result.stdout
+
+
 def run_main(module, argv, capsys=None):
     """module.main(argv) in this process -> (exit code, stdout, stderr)."""
     try:
@@ -73,13 +113,114 @@ def run_main(module, argv, capsys=None):
     return code, out.out if out else '', out.err if out else ''
 
 
+def load(path):
+    return torch.load(path, map_location='cpu', weights_only=True)
+
+
 def tiny_byol(seed=0):
     torch.manual_seed(seed)
     encoder, dim = byol.build_encoder('convnet', width=4)
     return byol.BYOL(encoder, dim, hidden_dim=32, projection_dim=16)
 
+
+def perturbed(model):
+    with torch.no_grad():
+        for p in model.online.parameters():
+            p.add_(torch.randn_like(p))
+    return model
+
+
+def assert_same_state(a, b, exact=True):
+    for part in ('online', 'target'):
+        assert a[part].keys() == b[part].keys()
+        for key in a[part]:
+            x, y = a[part][key].float(), b[part][key].float()
+            assert torch.equal(x, y) if exact else torch.allclose(x, y, rtol=1e-3, atol=1e-4), \
+                (part, key, (x - y).abs().max())
+
+
+def assert_one_line_error(code, err, *fragments):
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and 'Traceback' not in err, err
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def photo_folder(root, sizes):
+    """An image folder of random JPEGs of these (H, W) sizes, in two classes."""
+    for i, (h, w) in enumerate(sizes):
+        folder = root / f'class{i % 2}'
+        folder.mkdir(parents=True, exist_ok=True)
+        torchvision.io.write_jpeg(torch.randint(0, 256, (3, h, w), dtype=torch.uint8),
+                                  str(folder / f'{i:03d}.jpg'))
+    return root
+
+
+def resolved(data, *argv):
+    args = byol.get_parser().parse_args(['--data', str(data), *map(str, argv)])
+    return byol.resolve_config(args, augment.load_images(str(data)))
+
+
+def progress(stdout):
+    """(loss, z_std) of each progress line."""
+    return [(float(line.split('loss ')[1].split()[0]), float(line.split('z_std ')[1].split()[0]))
+            for line in stdout.splitlines() if line.startswith('step ')]
+
 # ------------------------------------------------------------------------------------------------
-# Loss (paper Eq. 2)
+# byol.py: encoder f (paper section 3.3, Table 1b)
+# ------------------------------------------------------------------------------------------------
+
+
+def parameter_count(arch, width=1, small=False):
+    with torch.device('meta'):
+        encoder, dim = byol.build_encoder(arch, small, width)
+    return sum(p.numel() for p in encoder.parameters()), dim
+
+
+def test_resnet_sizes_match_torchvision_and_the_paper():
+    assert parameter_count('resnet50') == (23_508_032, 2048)  # torchvision's, without fc
+    assert parameter_count('resnet18')[1] == 512
+    # paper Table 1b: ResNet-50 (2x) 94M, (4x) 375M parameters
+    count2, dim2 = parameter_count('resnet50', 2)
+    count4, dim4 = parameter_count('resnet50', 4)
+    assert dim2 == 4096 and round(count2 / 1e6) == 94
+    assert dim4 == 8192 and round(count4 / 1e6) == 375
+    with torch.device('meta'):
+        r200, _ = byol.build_encoder('resnet200')
+    assert [len(layer) for layer in (r200.layer1, r200.layer2, r200.layer3, r200.layer4)] == \
+        [3, 24, 36, 3]
+
+
+def test_small_image_stem_and_convnet_shapes():
+    net, dim = byol.build_encoder('resnet18', small_images=True)
+    assert net.conv1.kernel_size == (3, 3) and net.conv1.stride == (1, 1)
+    assert isinstance(net.maxpool, nn.Identity)
+    assert net(torch.randn(2, 3, 32, 32)).shape == (2, 512)
+    conv, dim = byol.build_encoder('convnet', width=8)
+    assert dim == 64 and conv(torch.randn(2, 3, 32, 32)).shape == (2, 64)
+    widths = [m.out_channels for m in conv.modules() if isinstance(m, nn.Conv2d)]
+    assert widths == [8, 16, 32, 64]
+
+
+def test_weights_are_initialised_as_the_official_code():
+    torch.manual_seed(0)
+    encoder, dim = byol.build_encoder('resnet18', small_images=True)
+    model = byol.BYOL(encoder, dim, hidden_dim=256, projection_dim=64)
+    layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    assert len(layers) == 2 * 20 + 3 * 2  # 20 in each ResNet-18 (online, target), 2 in g, q, g'
+    for m in layers:
+        fan_in = m.weight[0].numel()
+        w = m.weight * math.sqrt(fan_in)   # a standard normal truncated to [-2, 2]: std 0.8796
+        assert w.abs().max() <= 2.0
+        if w.numel() >= 4096:
+            assert abs(w.std().item() - 0.8796) < 0.03, (m, w.std())
+        assert m.bias is None or not m.bias.any()
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    assert all((m.weight == 1).all() and (m.bias == 0).all() for m in norms)
+
+# ------------------------------------------------------------------------------------------------
+# byol.py: the loss (paper Eq. 2)
 # ------------------------------------------------------------------------------------------------
 
 
@@ -98,17 +239,17 @@ def test_regression_loss_is_two_minus_two_cos():
 def test_byol_loss_is_the_sum_of_both_view_orders():
     model = tiny_byol()
     v1, v2 = torch.randn(8, 3, 16, 16), torch.randn(8, 3, 16, 16)
-    loss, std = model(v1, v2, return_std=True)
+    loss, (byol_loss, std, top1) = model(v1, v2)
     on, tg = model.online, model.target
     z1, z2 = on.projector(on.encoder(v1)), on.projector(on.encoder(v2))
     t1, t2 = tg.projector(tg.encoder(v1)), tg.projector(tg.encoder(v2))
     q1, q2 = on.predictor(z1), on.predictor(z2)
     expected = (byol.regression_loss(q1, t2) + byol.regression_loss(q2, t1)).mean()
-    assert torch.allclose(loss, expected, atol=1e-6)
+    assert torch.allclose(loss, expected, atol=1e-6) and torch.equal(byol_loss, loss.detach())
     # summed, not averaged: at initialisation (target = online) each term is about 2
     assert 2.5 < loss.item() < 5.5
     z = torch.nn.functional.normalize(z1, dim=1)
-    assert torch.allclose(std, z.std(dim=0).mean(), atol=1e-6)
+    assert torch.allclose(std, z.std(dim=0).mean(), atol=1e-6) and top1 == 0  # no classifier
 
 
 def test_projection_std_separates_collapse_from_spread():
@@ -118,25 +259,8 @@ def test_projection_std_separates_collapse_from_spread():
     assert abs(byol.projection_std(spread).item() * math.sqrt(256) - 1) < 0.02
 
 # ------------------------------------------------------------------------------------------------
-# Target network: EMA, tau schedule, no gradient
+# byol.py: online and target networks, the EMA, the monitor (paper section 3.1)
 # ------------------------------------------------------------------------------------------------
-
-
-def test_tau_schedule_end_points_and_midpoint():
-    assert byol.target_tau(0, 1000, 0.996) == pytest.approx(0.996)
-    assert byol.target_tau(500, 1000, 0.996) == pytest.approx((1 + 0.996) / 2)
-    assert byol.target_tau(1000, 1000, 0.996) == pytest.approx(1.0)
-    assert byol.target_tau(5000, 1000, 0.996) == pytest.approx(1.0)  # clipped at K
-    # 1 - (1 - 0.99) (cos(pi / 4) + 1) / 2 at k = K/4
-    assert byol.target_tau(250, 1000, 0.99) == pytest.approx(
-        1 - 0.01 * (math.sqrt(0.5) + 1) / 2)
-
-
-def perturbed(model):
-    with torch.no_grad():
-        for p in model.online.parameters():
-            p.add_(torch.randn_like(p))
-    return model
 
 
 def test_tau_one_keeps_target_and_tau_zero_copies_online():
@@ -167,7 +291,7 @@ def test_ema_update_is_tau_xi_plus_one_minus_tau_theta_and_skips_bn_statistics()
 
 def test_no_gradient_reaches_the_target():
     model = tiny_byol()
-    loss = model(torch.randn(4, 3, 16, 16), torch.randn(4, 3, 16, 16))
+    loss, _ = model(torch.randn(4, 3, 16, 16), torch.randn(4, 3, 16, 16))
     loss.backward()
     assert all(p.grad is None and not p.requires_grad for p in model.target.parameters())
     assert all(p.grad is not None for p in model.online.parameters())
@@ -176,9 +300,52 @@ def test_no_gradient_reaches_the_target():
     assert not in_groups & {id(p) for p in model.target.parameters()}
     assert in_groups == {id(p) for p in model.online.parameters()}
 
+
+def test_the_monitor_learns_on_the_frozen_representation_only():
+    # The official code's monitor: a linear classifier on sg(y1), its cross-entropy added to the
+    # loss; it must not change what the networks learn.
+    torch.manual_seed(0)
+    encoder, dim = byol.build_encoder('convnet', width=4)
+    model = byol.BYOL(encoder, dim, hidden_dim=32, projection_dim=16, n_classes=3)
+    v1, v2 = torch.randn(8, 3, 16, 16), torch.randn(8, 3, 16, 16)
+    labels = torch.tensor([0, 1, 2, 0, 1, 2, -1, -1])  # -1: unlabelled, left out
+
+    def step(labels):
+        model.zero_grad()
+        loss, monitor = model(v1, v2, labels)
+        loss.backward()
+        return loss, monitor, {k: p.grad for k, p in model.online.named_parameters()}
+    loss, (byol_loss, _, top1), grads = step(labels)
+    plain_loss, _, plain_grads = step(None)
+    logits = model.online.classifier(model.online.encoder(v1))
+    assert loss.item() == pytest.approx(plain_loss.item() + F.cross_entropy(
+        logits[:6], labels[:6]).item(), rel=1e-5)
+    assert byol_loss.item() == pytest.approx(plain_loss.item(), rel=1e-6)
+    unlabelled, (_, _, none_right) = model(v1, v2, torch.full((8,), -1))  # as STL-10's
+    assert unlabelled.item() == pytest.approx(plain_loss.item(), rel=1e-6) and none_right == 0
+    assert top1.item() == pytest.approx((logits[:6].argmax(1) == labels[:6]).float().mean())
+    for name, grad in grads.items():  # the classifier learns; nothing else feels it
+        if name.startswith('classifier'):
+            assert grad.abs().sum() > 0 and plain_grads[name] is None
+        else:
+            assert torch.equal(grad, plain_grads[name]), name
+    lars = byol.lars_param_groups(model, 1e-6)  # in the LARS tree, its bias excluded
+    assert any(p is model.online.classifier.weight for p in lars[0]['params'])
+    assert any(p is model.online.classifier.bias for p in lars[1]['params'])
+
 # ------------------------------------------------------------------------------------------------
-# Learning rate and LARS
+# byol.py: schedules (tau, learning rate)
 # ------------------------------------------------------------------------------------------------
+
+
+def test_tau_schedule_end_points_and_midpoint():
+    assert byol.target_tau(0, 1000, 0.996) == pytest.approx(0.996)
+    assert byol.target_tau(500, 1000, 0.996) == pytest.approx((1 + 0.996) / 2)
+    assert byol.target_tau(1000, 1000, 0.996) == pytest.approx(1.0)
+    assert byol.target_tau(5000, 1000, 0.996) == pytest.approx(1.0)  # clipped at K
+    # 1 - (1 - 0.99) (cos(pi / 4) + 1) / 2 at k = K/4
+    assert byol.target_tau(250, 1000, 0.99) == pytest.approx(
+        1 - 0.01 * (math.sqrt(0.5) + 1) / 2)
 
 
 def test_learning_rate_warmup_and_cosine_end_points():
@@ -188,6 +355,10 @@ def test_learning_rate_warmup_and_cosine_end_points():
     assert byol.learning_rate(100, total, warmup, peak) == pytest.approx(peak)
     assert byol.learning_rate(600, total, warmup, peak) == pytest.approx(peak / 2)
     assert byol.learning_rate(1100, total, warmup, peak) == pytest.approx(0.0, abs=1e-12)
+
+# ------------------------------------------------------------------------------------------------
+# byol.py: LARS
+# ------------------------------------------------------------------------------------------------
 
 
 def test_lars_groups_exclude_biases_and_norm_parameters():
@@ -237,7 +408,388 @@ def test_lars_skips_the_trust_ratio_for_zero_weights():
     assert torch.equal(w.data, -torch.tensor([1.0, 2.0, 3.0]))
 
 # ------------------------------------------------------------------------------------------------
-# Augmentations (augment.py)
+# byol.py: distributed: BN over the global batch, 1 == N processes
+# ------------------------------------------------------------------------------------------------
+
+
+def test_allreduce_batchnorm_equals_batchnorm_in_one_process():
+    bn = nn.BatchNorm2d(3)
+    synced = byol.synchronize_batchnorm(nn.Sequential(copy.deepcopy(bn)), torch.device('cpu'))[0]
+    assert isinstance(synced, byol.AllReduceBatchNorm)
+    x = torch.randn(8, 3, 5, 5, requires_grad=True)
+    dist = byol.dist
+    if not dist.is_initialized():
+        dist.init_process_group('gloo', init_method='tcp://127.0.0.1:0', rank=0, world_size=1)
+    try:
+        y_ref, y = bn(x), synced(x)
+        assert torch.allclose(y, y_ref, atol=1e-5)
+        g_ref, = torch.autograd.grad((y_ref ** 3).sum(), x)
+        g, = torch.autograd.grad((y ** 3).sum(), x)
+        assert torch.allclose(g, g_ref, atol=1e-4)
+        assert torch.allclose(synced.running_var, bn.running_var, atol=1e-6)
+        assert torch.allclose(synced.running_mean, bn.running_mean, atol=1e-6)
+    finally:
+        dist.destroy_process_group()
+
+
+def smooth_resnet18():
+    """ResNet-18 (small-image stem) with SiLU for ReLU. With ReLU, one or two of a batch's 4.5M
+    pre-activations lie within float32 rounding of 0 and flip sign between any two float32
+    computations (1 vs 2 processes, float32 vs float64 in one process alike), which moves some
+    gradients by ~1e-3; a smooth activation leaves only the arithmetic of the BN to compare."""
+    torch.manual_seed(0)
+    net, _ = byol.build_encoder('resnet18', small_images=True)
+    for module in list(net.modules()):
+        for name, child in module.named_children():
+            if isinstance(child, nn.ReLU):
+                setattr(module, name, nn.SiLU())
+    return net
+
+
+def sync_bn_worker(rank, folder):
+    """One of two gloo processes of the test below: half of each batch, statistics synced."""
+    torch.set_num_threads(1)
+    byol.dist.init_process_group('gloo', init_method=f'file://{folder}/store', rank=rank,
+                                 world_size=2)
+    half = slice(4 * rank, 4 * rank + 4)
+    encoder = byol.synchronize_batchnorm(smooth_resnet18(), torch.device('cpu'))
+    grads = []
+    for x, upstream in torch.load(folder / 'batches.pt'):
+        encoder.zero_grad()
+        encoder(x[half]).backward(upstream[half])
+        grads.append([byol.all_reduce_sum(p.grad) for p in encoder.parameters()])
+    bn = byol.synchronize_batchnorm(nn.BatchNorm1d(16), torch.device('cpu'))
+    y = bn(torch.load(folder / 'offset.pt')[half])
+    ys = [torch.empty_like(y) for _ in range(2)]
+    byol.dist.all_gather(ys, y.detach())
+    if rank == 0:
+        torch.save((grads, torch.cat(ys), bn.running_var), folder / 'out.pt')
+    byol.dist.destroy_process_group()
+
+
+def test_two_processes_compute_the_gradients_of_one_on_a_resnet(tmp_path):
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(8, 3, 32, 32, generator=g), torch.randn(8, 512, generator=g))
+               for _ in range(3)]
+    offset = 1000 + torch.randn(8, 16, generator=g, dtype=torch.float64)  # |mean| / std ~ 1000
+    torch.save(batches, tmp_path / 'batches.pt')
+    torch.save(offset.float(), tmp_path / 'offset.pt')
+    torch.multiprocessing.spawn(sync_bn_worker, (tmp_path,), nprocs=2)
+    grads, y, running_var = torch.load(tmp_path / 'out.pt')
+    encoder = smooth_resnet18()
+    for (x, upstream), two in zip(batches, grads):  # 1 process, the whole batch of 8
+        encoder.zero_grad()
+        encoder(x).backward(upstream)
+        errors = [((a - p.grad).norm() / p.grad.norm()).item()
+                  for a, p in zip(two, encoder.parameters())]
+        assert max(errors) < 2e-5, max(errors)  # float32 rounding: measured <= 4e-6
+    # The statistics of inputs far from 0 (float32 sums of squares cancel there): as float64's
+    reference = nn.BatchNorm1d(16).double()
+    expected = reference(offset)
+    assert ((y.double() - expected).norm() / expected.norm()).item() < 1e-3  # measured 4e-5
+    assert torch.allclose(running_var.double(), reference.running_var, rtol=1e-2)
+
+
+@pytest.mark.parametrize('where', ['--data-on-device', '--no-data-on-device'])
+def test_two_gloo_processes_match_one(where, image_folder, tmp_path):
+    args = ['--data', str(image_folder), *TINY, where, '--epochs', '2']
+    assert run_main(byol, args + ['--output-dir', tmp_path / 'one'])[0] == 0
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    torchrun = [sys.executable, '-m', 'torch.distributed.run', '--standalone',
+                '--nproc_per_node=2', str(HERE / 'byol.py')]
+    result = subprocess.run(torchrun + args + ['--output-dir', str(tmp_path / 'two')],
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert '2 process(es)' in result.stdout
+    one, two = load(tmp_path / 'one' / 'checkpoint.pth'), load(tmp_path / 'two' /
+                                                                 'checkpoint.pth')
+    assert one['step'] == two['step'] == 8
+    assert_same_state(one, two, exact=False)  # equal up to float reduction order
+    # the global batch must divide over the processes
+    result = subprocess.run(torchrun + args[:-2] + ['--epochs', '1', '--batch-size', '15',
+                                                    '--output-dir', str(tmp_path / 'odd')],
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode != 0
+    assert 'byol.py: error: --batch-size 15 does not divide over 2 processes' in result.stderr
+
+# ------------------------------------------------------------------------------------------------
+# byol.py: checkpoints, export, resume
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize('where', ['--data-on-device', '--no-data-on-device'])
+def test_resume_mid_epoch_is_bit_exact(where, image_folder, tmp_path, capsys):
+    args = ['--data', image_folder, *TINY, where, '--epochs', '3']  # 4 steps an epoch, 12 in all
+    assert run_main(byol, args + ['--output-dir', tmp_path / 'full'])[0] == 0
+    assert run_main(byol, args + ['--output-dir', tmp_path / 'part', '--stop-at-step', '6'])[0] == 0
+    stopped = load(tmp_path / 'part' / 'checkpoint.pth')
+    assert stopped['step'] == 6 and not (tmp_path / 'part' / 'encoder.pth').exists()
+    code, out, _ = run_main(byol, args + ['--output-dir', tmp_path / 'part'], capsys)
+    assert code == 0 and 'resumed from' in out and 'at step 6' in out
+    full, resumed = load(tmp_path / 'full' / 'checkpoint.pth'), load(tmp_path / 'part' /
+                                                                      'checkpoint.pth')
+    assert full['step'] == resumed['step'] == 12
+    assert_same_state(full, resumed)
+    for state_a, state_b in zip(full['optimizer']['state'].values(),
+                                resumed['optimizer']['state'].values()):
+        assert torch.equal(state_a['momentum_buffer'], state_b['momentum_buffer'])
+    # the schedules were those of the full run: the last epoch's logged loss is the same
+    last = [json.loads(line) for line in open(tmp_path / 'full' / 'log.jsonl')][-1]
+    last_resumed = [json.loads(line) for line in open(tmp_path / 'part' / 'log.jsonl')][-1]
+    assert last['epoch'] == last_resumed['epoch'] == 2
+    assert last['loss'] == last_resumed['loss'] and last['lr'] == last_resumed['lr']
+    assert last['tau'] == pytest.approx(byol.target_tau(11, 12, 0.97))
+
+
+def test_sigterm_saves_a_checkpoint_and_the_run_resumes(image_folder, tmp_path):
+    out = tmp_path / 'run'
+    command = [sys.executable, str(HERE / 'byol.py'), '--data', str(image_folder), *TINY,
+               '--epochs', '400', '--output-dir', str(out)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, cwd=tmp_path)
+    for line in process.stdout:
+        if line.startswith('step '):
+            process.terminate()  # SIGTERM, as a scheduler's preemption
+            break
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0, stderr
+    assert 'stopped by a signal' in stdout
+    step = load(out / 'checkpoint.pth')['step']
+    assert 2 <= step < 1600
+    result = subprocess.run(command[:-4] + ['--epochs', '400', '--output-dir', str(out),
+                                            '--stop-at-step', str(step + 2)],
+                            capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert result.returncode == 0 and f'at step {step}' in result.stdout
+    assert load(out / 'checkpoint.pth')['step'] == step + 2
+
+
+def test_a_run_resumes_in_another_precision(image_folder, tmp_path, capsys):
+    out = tmp_path / 'run'
+    args = ['--data', image_folder, *TINY[:-2], '--epochs', '2', '--output-dir', out]  # no --amp
+    assert TINY[-2:] == ['--amp', 'none']
+    assert run_main(byol, args + ['--amp', 'none', '--stop-at-step', '2'])[0] == 0
+    code, stdout, err = run_main(byol, args + ['--amp', 'fp16', '--stop-at-step', '4'], capsys)
+    assert code == 0, err  # a float32 checkpoint has no loss scale to load
+    assert 'steps 1-2 ran with --amp none; the run continues with --amp fp16' in stdout
+    fp16 = load(out / 'checkpoint.pth')
+    assert fp16['config']['amp'] == 'fp16' and fp16['scaler']['scale'] > 0
+    # without --amp, a resumed run keeps its own precision (not this machine's default)
+    assert run_main(byol, args + ['--stop-at-step', '6'])[0] == 0
+    again = load(out / 'checkpoint.pth')
+    assert again['config']['amp'] == 'fp16' and again['step'] == 6
+    assert run_main(byol, args + ['--amp', 'none'])[0] == 0
+    assert load(out / 'checkpoint.pth')['step'] == 8
+
+
+def test_bad_checkpoints_give_one_line_errors_and_keep_the_saved_one(image_folder, tmp_path,
+                                                                     capsys):
+    out = tmp_path / 'out'
+    args = ['--data', image_folder, *TINY, '--epochs', '1', '--output-dir', out]
+    assert run_main(byol, args)[0] == 0
+    saved = (out / 'checkpoint.pth').read_bytes()
+    code, _, err = run_main(byol, args + ['--arch', 'resnet18', '--width', '1'], capsys)
+    assert_one_line_error(code, err, 'was made with --arch convnet (now resnet18)')
+    code, _, err = run_main(byol, args + ['--batch-size', '32'], capsys)
+    assert_one_line_error(code, err, '--batch-size 16 (now 32)')
+    (tmp_path / 'junk.pth').write_bytes(b'junk')
+    code, _, err = run_main(byol, args + ['--resume', tmp_path / 'junk.pth'], capsys)
+    assert_one_line_error(code, err, 'cannot read checkpoint', 'junk.pth')
+    code, _, err = run_main(byol, args + ['--resume', out / 'encoder.pth'], capsys)
+    assert_one_line_error(code, err, 'not a byol.py training checkpoint')
+    code, _, err = run_main(byol, args + ['--resume', tmp_path / 'missing.pth'], capsys)
+    assert_one_line_error(code, err, 'does not exist')
+    assert (out / 'checkpoint.pth').read_bytes() == saved
+
+
+def test_exported_encoder_loads_into_torchvision(image_folder, tmp_path):
+    out = tmp_path / 'r18'
+    args = ['--data', image_folder, *TINY, '--arch', 'resnet18', '--width', '1',
+            '--no-small-images', '--epochs', '1', '--output-dir', out]
+    assert run_main(byol, args)[0] == 0
+    state = load(out / 'encoder.pth')
+    resnet = torchvision.models.resnet18()
+    result = resnet.load_state_dict(state, strict=False)
+    assert sorted(result.missing_keys) == ['fc.bias', 'fc.weight']
+    assert result.unexpected_keys == []
+    checkpoint = load(out / 'checkpoint.pth')
+    assert torch.equal(resnet.conv1.weight, checkpoint['online']['encoder.conv1.weight'])
+    x = torch.randn(2, 3, 32, 32)
+    from_export, dim, settings = linear_eval.load_encoder(out / 'encoder.pth')
+    from_checkpoint, _, checkpoint_settings = linear_eval.load_encoder(out / 'checkpoint.pth')
+    assert settings == checkpoint_settings == dict(arch='resnet18', width=1, small_images=False,
+                                                   image_size=20)  # the folder's 24x20 images
+    resnet.fc = nn.Identity()
+    outputs = [m.eval()(x) for m in (from_export, from_checkpoint, resnet)]
+    assert dim == 512 and torch.equal(outputs[0], outputs[1]) and torch.equal(outputs[0],
+                                                                              outputs[2])
+
+# ------------------------------------------------------------------------------------------------
+# byol.py: the training loop and its speed features
+# ------------------------------------------------------------------------------------------------
+
+
+def test_eval_every_logs_the_monitors_accuracy(image_folder, tmp_path, capsys):
+    code, stdout, _ = run_main(byol, ['--data', image_folder, *TINY, '--epochs', '2',
+                                      '--eval-every', '1', '--output-dir', tmp_path], capsys)
+    assert code == 0
+    records = [json.loads(line) for line in open(tmp_path / 'log.jsonl')]
+    assert [r['epoch'] for r in records] == [0, 1]
+    steps = [line for line in stdout.splitlines() if line.startswith('step ')]
+    assert steps and all('| top-1 ' in line for line in steps)  # the train batches' top-1
+    # the logged validation top-1 is the saved classifier's, on the val/ centre crops
+    checkpoint = load(tmp_path / 'checkpoint.pth')
+    encoder, dim = byol.build_encoder('convnet', True, 4)
+    encoder.load_state_dict({k[8:]: v for k, v in checkpoint['online'].items()
+                             if k.startswith('encoder.')})
+    classifier = nn.Linear(dim, 4)
+    classifier.load_state_dict({k[11:]: v for k, v in checkpoint['online'].items()
+                                if k.startswith('classifier.')})
+    val = augment.load_images(str(image_folder), split='val')
+    y, labels = linear_eval.features(nn.Sequential(encoder, classifier), val, 20, 16, 0,
+                                     torch.device('cpu'))
+    expected = 100 * (y.argmax(1) == labels).float().mean().item()
+    assert records[-1]['val_top1'] == pytest.approx(expected)
+    assert 0 <= records[-1]['train_top1'] <= 100
+
+
+@pytest.mark.parametrize('where', [['--data-on-device'], ['--no-data-on-device'],
+                                   ['--no-data-on-device', '--decode-on-device']])
+def test_a_corrupt_image_mid_run_is_skipped_with_a_warning(where, image_folder, tmp_path, capsys):
+    data = tmp_path / 'data'
+    import shutil
+    shutil.copytree(image_folder / 'train', data)
+    (data / 'class3' / 'zzz_broken.jpg').write_bytes(b'\xff\xd8 truncated')
+    code, out, err = run_main(byol, ['--data', data, *TINY, *where, '--epochs', '1',
+                                     '--output-dir', tmp_path / 'out'], capsys)
+    assert code == 0 and 'done' in out
+    assert 'warning: skipping unreadable image' in err and 'zzz_broken.jpg' in err
+
+
+def test_a_diverging_loss_stops_with_a_clear_message(image_folder, tmp_path, capsys):
+    code, _, err = run_main(byol, ['--data', image_folder, *TINY, '--epochs', '2', '--lr', '1e30',
+                                   '--output-dir', tmp_path], capsys)
+    assert_one_line_error(code, err, 'the loss is nan', 'lower --lr')
+
+
+def step_outputs(model, v1, v2, amp='none', memory_format=torch.contiguous_format):
+    model = copy.deepcopy(model).to(memory_format=memory_format)
+    v1, v2 = (v.contiguous(memory_format=memory_format) for v in (v1, v2))
+    with byol.autocast(torch.device('cpu'), amp):
+        loss, _ = model(v1, v2)
+    loss.backward()
+    return loss.item(), torch.cat([p.grad.flatten() for p in model.online.parameters()])
+
+
+def test_bf16_autocast_and_channels_last_compute_the_same_step():
+    torch.manual_seed(0)
+    encoder, dim = byol.build_encoder('resnet18', small_images=True)
+    model = byol.BYOL(encoder, dim, hidden_dim=64, projection_dim=32)
+    crops = torch.randint(0, 256, (8, 2, 3, 16, 16), dtype=torch.uint8)
+    u = augment.uniforms(0, 0, torch.arange(8))
+    v1, v2 = augment.Pipeline(None, 16, 'byol').views(crops, u, None, None)
+    loss, grad = step_outputs(model, v1, v2)
+    loss_cl, grad_cl = step_outputs(model, v1, v2, memory_format=torch.channels_last)
+    assert loss_cl == pytest.approx(loss, rel=1e-5)
+    assert (grad_cl - grad).norm() / grad.norm() < 5e-3  # the same up to summation order
+    loss_bf16, grad_bf16 = step_outputs(model, v1, v2, amp='bf16')
+    assert loss_bf16 == pytest.approx(loss, rel=3e-2)
+    cosine = torch.nn.functional.cosine_similarity(grad_bf16, grad, dim=0)
+    assert cosine > 0.8, cosine  # bf16's 8-bit mantissa: measured 0.90 here, not noise (~0)
+
+
+def test_compiled_model_computes_the_eager_loss_and_gradients():
+    model = tiny_byol()
+    v1, v2 = torch.randn(4, 3, 16, 16), torch.randn(4, 3, 16, 16)
+    eager = copy.deepcopy(model)
+    loss, _ = eager(v1, v2)
+    loss.backward()
+    compiled_loss, _ = torch.compile(model)(v1, v2)
+    compiled_loss.backward()
+    assert compiled_loss.item() == pytest.approx(loss.item(), rel=1e-5)
+    grad = torch.cat([p.grad.flatten() for p in eager.online.parameters()])
+    compiled_grad = torch.cat([p.grad.flatten() for p in model.online.parameters()])
+    assert (compiled_grad - grad).norm() < 1e-4 * grad.norm()  # fused kernels' rounding only
+
+# ------------------------------------------------------------------------------------------------
+# byol.py: the command line (defaults, bad input)
+# ------------------------------------------------------------------------------------------------
+
+
+def test_image_size_and_stem_do_not_depend_on_the_first_image(tmp_path):
+    # ImageNet-like: photos of varied sizes, the first one small -> the paper's 224, ImageNet stem
+    photos = photo_folder(tmp_path / 'photos', [(60, 80), (375, 500), (333, 500), (500, 400)] * 8)
+    args = resolved(photos)
+    assert (args.image_size, args.small_images) == (224, False)
+    assert augment.images_in_memory(augment.load_images(str(photos))) is None
+    # every image of one small size (checked, all of them): the native size, small-image stem
+    tiny = photo_folder(tmp_path / 'tiny', [(32, 32)] * 7 + [(32, 30)])
+    assert (resolved(tiny).image_size, resolved(tiny).small_images) == (224, False)
+    (tmp_path / 'tiny' / 'class1' / '007.jpg').unlink()
+    assert (resolved(tiny).image_size, resolved(tiny).small_images) == (32, True)
+    assert augment.images_in_memory(augment.load_images(str(tiny))).shape == (7, 3, 32, 32)
+    # the flags decide over both
+    assert (resolved(photos, '--image-size', 64).image_size, resolved(photos).small_images) == \
+        (64, False)
+    assert resolved(photos, '--image-size', 64).small_images
+    assert not resolved(tiny, '--no-small-images').small_images
+    # a training run with the defaults on the photos: 224 px crops, the ImageNet stem
+    out = tmp_path / 'run'
+    assert run_main(byol, ['--data', photos, *TINY, '--epochs', '1', '--output-dir', out])[0] == 0
+    config = load(out / 'checkpoint.pth')['config']
+    assert (config['image_size'], config['small_images']) == (224, False)
+
+
+def test_bad_data_gives_one_line_errors(tmp_path, capsys):
+    common = [*TINY, '--epochs', '1', '--output-dir', tmp_path / 'out']
+    assert_one_line_error(*run_main(byol, ['--data', tmp_path / 'nope', *common], capsys)[::2],
+                          'no such folder')
+    (tmp_path / 'empty').mkdir()
+    assert_one_line_error(*run_main(byol, ['--data', tmp_path / 'empty', *common], capsys)[::2],
+                          'holds no images')
+    (tmp_path / 'bad' / 'cls').mkdir(parents=True)
+    (tmp_path / 'bad' / 'cls' / 'a.jpg').write_bytes(b'not a jpeg at all')
+    assert_one_line_error(*run_main(byol, ['--data', tmp_path / 'bad', *common], capsys)[::2],
+                          'cannot read image', 'a.jpg')
+    assert_one_line_error(*run_main(byol, ['--data', 'cifar10', '--data-root', tmp_path,
+                                           *common], capsys)[::2], 'pass --download')
+    assert_one_line_error(*run_main(byol, ['--data', tmp_path, '--arch', 'vit'], capsys)[::2],
+                          "invalid choice: 'vit'")
+    for flag, value, message in (('--batch-size', 'x', "'x' is not a positive integer"),
+                                 ('--batch-size', '0', "'0' is not a positive integer"),
+                                 ('--epochs', '-1', "'-1' is not a positive integer"),
+                                 ('--width', '0', "'0' is not a positive integer"),
+                                 ('--image-size', '0', "'0' is not a positive integer"),
+                                 ('--workers', '-1', "'-1' is not an integer >= 0"),
+                                 ('--lr', 'nan', "'nan' is not a positive number"),
+                                 ('--tau', '1.5', "'1.5' is not in [0, 1]")):
+        assert_one_line_error(*run_main(byol, ['--data', tmp_path, flag, value], capsys)[::2],
+                              f'argument {flag}: {message}')
+    assert not (tmp_path / 'out').exists()
+
+
+def test_an_unusable_output_dir_fails_before_any_work(image_folder, tmp_path, capsys,
+                                                      monkeypatch):
+    (tmp_path / 'file').write_text('not a folder')
+    out = tmp_path / 'file' / 'out'
+
+    def read_nothing(*args, **kwargs):
+        raise AssertionError('data read before the output folder was checked')
+    monkeypatch.setattr(augment, 'load_images', read_nothing)
+    for module, argv in ((byol, ['--data', image_folder, *TINY]),
+                         (linear_eval, ['--data', image_folder]),
+                         (semi_sup, ['--data', image_folder, '--subset', '0.5']),
+                         (transfer, ['--dataset', 'folder', '--data-root', image_folder])):
+        code, _, err = run_main(module, argv + ['--output-dir', out], capsys)
+        assert_one_line_error(code, err, f'{tmp_path / "file"} is a file, not a folder')
+
+
+def test_errors_print_no_traceback_from_the_command_line(tmp_path):
+    result = subprocess.run([sys.executable, str(HERE / 'byol.py'), '--data',
+                             str(tmp_path / 'nope')], capture_output=True, text=True)
+    assert_one_line_error(result.returncode, result.stderr, 'no such folder')
+
+# ------------------------------------------------------------------------------------------------
+# augment.py: T and T', the crop, the photometric ops
 # ------------------------------------------------------------------------------------------------
 
 
@@ -291,7 +843,7 @@ def test_crop_box_hand_computed():
     u[augment.SLOT['crop_ratio']] = 0.0  # ratio 3/4 of a full-area crop: clamped to the image
     top, left, h, w = augment.crop_box(u, 60, 80)
     assert (h, w) == (60, round(math.sqrt(4800 * 0.75))) and top == 0
-    assert augment.center_crop_box(256, 320) == (16, 48, 224, 224)
+    assert augment.center_crop_boxes(256, 320, 1).tolist() == [[16, 48, 224, 224]]
 
 
 def test_crops_respect_area_and_ratio_bounds_over_many_draws():
@@ -435,56 +987,53 @@ def test_augment_batch_is_per_image():
     assert whole.shape == (6, 3, 16, 16)
 
 # ------------------------------------------------------------------------------------------------
-# Encoders
+# augment.py: the pipeline (where each stage runs)
 # ------------------------------------------------------------------------------------------------
 
 
-def parameter_count(arch, width=1, small=False):
-    with torch.device('meta'):
-        encoder, dim = byol.build_encoder(arch, small, width)
-    return sum(p.numel() for p in encoder.parameters()), dim
+@pytest.mark.parametrize('mode', ['byol', 'train', 'eval'])
+def test_every_placement_of_the_stages_gives_the_same_views(mode, image_folder):
+    # Where the stages run (loader or device) is a matter of speed: the views are the same.
+    images = augment.load_images(str(image_folder))
+    keys = [(2, i) for i in (5, 0, 63, 17, 8, 40)]
+
+    def views(on_device, source=images):
+        pipeline = augment.Pipeline(source, 16, mode, seed=3, on_device=on_device)
+        return pipeline.finish(pipeline.__getitems__(keys))
+    reference, labels, indices = views(None)  # every stage in the loader
+    assert reference.shape == (augment.MODES[mode], 6, 3, 16, 16) and reference.dtype == \
+        torch.float32
+    assert indices.tolist() == [5, 0, 63, 17, 8, 40]
+    assert labels.tolist() == [images.labels[i] for i in indices.tolist()]
+    for on_device in augment.STAGES:
+        assert torch.equal(views(on_device)[0], reference), on_device
+    # held in memory: every crop of the batch in one product; the same up to uint8 rounding
+    in_memory = augment.ArrayImages(augment.images_in_memory(images), images.labels,
+                                    images.classes)
+    batch = augment.Pipeline(in_memory, 16, mode, seed=3, on_device='read').__getitems__(keys)
+    crops = augment.Pipeline(in_memory, 16, mode, seed=3).run(batch, augment.STAGES[:3])[0]
+    loader_crops = augment.Pipeline(images, 16, mode, seed=3).run(batch, augment.STAGES[:3])[0]
+    difference = (crops.int() - loader_crops.int()).abs()
+    assert difference.max() <= 1 and (difference > 0).float().mean() < 1e-3
 
 
-def test_resnet_sizes_match_torchvision_and_the_paper():
-    assert parameter_count('resnet50') == (23_508_032, 2048)  # torchvision's, without fc
-    assert parameter_count('resnet18')[1] == 512
-    # paper Table 1b: ResNet-50 (2x) 94M, (4x) 375M parameters
-    count2, dim2 = parameter_count('resnet50', 2)
-    count4, dim4 = parameter_count('resnet50', 4)
-    assert dim2 == 4096 and round(count2 / 1e6) == 94
-    assert dim4 == 8192 and round(count4 / 1e6) == 375
-    with torch.device('meta'):
-        r200, _ = byol.build_encoder('resnet200')
-    assert [len(layer) for layer in (r200.layer1, r200.layer2, r200.layer3, r200.layer4)] == \
-        [3, 24, 36, 3]
+def test_batches_are_drawn_by_image_index_whatever_the_placement(image_folder):
+    images = augment.load_images(str(image_folder))
+    runs = []
+    for in_memory in (False, True):
+        loader, where = augment.batches(images, 16, 8, 'byol', seed=1, in_memory=in_memory)
+        assert ('held in memory' in where) == in_memory and len(loader) == 8
+        loader.set_epoch(1, skip_batches=5)
+        runs.append([(views, labels, indices) for views, labels, indices in loader])
+    assert len(runs[0]) == len(runs[1]) == 3  # 8 batches, 5 skipped (a resumed epoch)
+    for (views, labels, indices), (views_m, labels_m, indices_m) in zip(*runs):
+        assert torch.equal(indices, indices_m) and torch.equal(labels, labels_m)
+        assert views.shape == views_m.shape == (2, 8, 3, 16, 16)
+        assert (views - views_m).abs().max() < 0.1  # uint8 rounding of the crops
 
-
-def test_weights_are_initialised_as_the_official_code():
-    torch.manual_seed(0)
-    encoder, dim = byol.build_encoder('resnet18', small_images=True)
-    model = byol.BYOL(encoder, dim, hidden_dim=256, projection_dim=64)
-    layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    assert len(layers) == 2 * 20 + 3 * 2  # 20 in each ResNet-18 (online, target), 2 in g, q, g'
-    for m in layers:
-        fan_in = m.weight[0].numel()
-        w = m.weight * math.sqrt(fan_in)   # a standard normal truncated to [-2, 2]: std 0.8796
-        assert w.abs().max() <= 2.0
-        if w.numel() >= 4096:
-            assert abs(w.std().item() - 0.8796) < 0.03, (m, w.std())
-        assert m.bias is None or not m.bias.any()
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    assert all((m.weight == 1).all() and (m.bias == 0).all() for m in norms)
-
-
-def test_small_image_stem_and_convnet_shapes():
-    net, dim = byol.build_encoder('resnet18', small_images=True)
-    assert net.conv1.kernel_size == (3, 3) and net.conv1.stride == (1, 1)
-    assert isinstance(net.maxpool, nn.Identity)
-    assert net(torch.randn(2, 3, 32, 32)).shape == (2, 512)
-    conv, dim = byol.build_encoder('convnet', width=8)
-    assert dim == 64 and conv(torch.randn(2, 3, 32, 32)).shape == (2, 64)
-    widths = [m.out_channels for m in conv.modules() if isinstance(m, nn.Conv2d)]
-    assert widths == [8, 16, 32, 64]
+# ------------------------------------------------------------------------------------------------
+# linear_eval.py: the evaluation hub (encoder settings, features, kNN, top-k) and the protocol
+# ------------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize('arch,width,small', [('resnet18', 1, True), ('resnet50', 2, False),
@@ -492,405 +1041,7 @@ def test_small_image_stem_and_convnet_shapes():
 def test_encoder_layout_is_read_back_from_a_state_dict(arch, width, small):
     with torch.device('meta'):
         encoder, _ = byol.build_encoder(arch, small, width)
-    assert byol.describe_encoder(encoder.state_dict()) == (arch, width, small)
-
-
-
-def photo_folder(root, sizes):
-    """An image folder of random JPEGs of these (H, W) sizes, in two classes."""
-    for i, (h, w) in enumerate(sizes):
-        folder = root / f'class{i % 2}'
-        folder.mkdir(parents=True, exist_ok=True)
-        torchvision.io.write_jpeg(torch.randint(0, 256, (3, h, w), dtype=torch.uint8),
-                                  str(folder / f'{i:03d}.jpg'))
-    return root
-
-
-def resolved(data, *argv):
-    args = byol.get_parser().parse_args(['--data', str(data), *map(str, argv)])
-    return byol.resolve_config(args, byol.load_images(str(data)))
-
-
-def test_image_size_and_stem_do_not_depend_on_the_first_image(tmp_path):
-    # ImageNet-like: photos of varied sizes, the first one small -> the paper's 224, ImageNet stem
-    photos = photo_folder(tmp_path / 'photos', [(60, 80), (375, 500), (333, 500), (500, 400)] * 8)
-    args = resolved(photos)
-    assert (args.image_size, args.small_images) == (224, False)
-    assert byol.images_in_memory(byol.load_images(str(photos))) is None
-    # every image of one small size (checked, all of them): the native size, small-image stem
-    tiny = photo_folder(tmp_path / 'tiny', [(32, 32)] * 7 + [(32, 30)])
-    assert (resolved(tiny).image_size, resolved(tiny).small_images) == (224, False)
-    (tmp_path / 'tiny' / 'class1' / '007.jpg').unlink()
-    assert (resolved(tiny).image_size, resolved(tiny).small_images) == (32, True)
-    assert byol.images_in_memory(byol.load_images(str(tiny))).shape == (7, 3, 32, 32)
-    # the flags decide over both
-    assert (resolved(photos, '--image-size', 64).image_size, resolved(photos).small_images) == \
-        (64, False)
-    assert resolved(photos, '--image-size', 64).small_images
-    assert not resolved(tiny, '--no-small-images').small_images
-    # a training run with the defaults on the photos: 224 px crops, the ImageNet stem
-    out = tmp_path / 'run'
-    assert run_main(byol, ['--data', photos, *TINY, '--epochs', '1', '--output-dir', out])[0] == 0
-    config = load(out / 'checkpoint.pth')['config']
-    assert (config['image_size'], config['small_images']) == (224, False)
-
-# ------------------------------------------------------------------------------------------------
-# The training loop: resume, preemption, processes, export, errors
-# ------------------------------------------------------------------------------------------------
-
-
-def load(path):
-    return torch.load(path, map_location='cpu', weights_only=True)
-
-
-def assert_same_state(a, b, exact=True):
-    for part in ('online', 'target'):
-        assert a[part].keys() == b[part].keys()
-        for key in a[part]:
-            x, y = a[part][key].float(), b[part][key].float()
-            assert torch.equal(x, y) if exact else torch.allclose(x, y, rtol=1e-3, atol=1e-4), \
-                (part, key, (x - y).abs().max())
-
-
-@pytest.mark.parametrize('where', ['--data-on-device', '--no-data-on-device'])
-def test_resume_mid_epoch_is_bit_exact(where, image_folder, tmp_path, capsys):
-    args = ['--data', image_folder, *TINY, where, '--epochs', '3']  # 4 steps an epoch, 12 in all
-    assert run_main(byol, args + ['--output-dir', tmp_path / 'full'])[0] == 0
-    assert run_main(byol, args + ['--output-dir', tmp_path / 'part', '--stop-at-step', '6'])[0] == 0
-    stopped = load(tmp_path / 'part' / 'checkpoint.pth')
-    assert stopped['step'] == 6 and not (tmp_path / 'part' / 'encoder.pth').exists()
-    code, out, _ = run_main(byol, args + ['--output-dir', tmp_path / 'part'], capsys)
-    assert code == 0 and 'resumed from' in out and 'at step 6' in out
-    full, resumed = load(tmp_path / 'full' / 'checkpoint.pth'), load(tmp_path / 'part' /
-                                                                      'checkpoint.pth')
-    assert full['step'] == resumed['step'] == 12
-    assert_same_state(full, resumed)
-    for state_a, state_b in zip(full['optimizer']['state'].values(),
-                                resumed['optimizer']['state'].values()):
-        assert torch.equal(state_a['momentum_buffer'], state_b['momentum_buffer'])
-    # the schedules were those of the full run: the last epoch's logged loss is the same
-    last = [json.loads(line) for line in open(tmp_path / 'full' / 'log.jsonl')][-1]
-    last_resumed = [json.loads(line) for line in open(tmp_path / 'part' / 'log.jsonl')][-1]
-    assert last['epoch'] == last_resumed['epoch'] == 2
-    assert last['loss'] == last_resumed['loss'] and last['lr'] == last_resumed['lr']
-    assert last['tau'] == pytest.approx(byol.target_tau(11, 12, 0.97))
-
-
-def test_sigterm_saves_a_checkpoint_and_the_run_resumes(image_folder, tmp_path):
-    out = tmp_path / 'run'
-    command = [sys.executable, str(HERE / 'byol.py'), '--data', str(image_folder), *TINY,
-               '--epochs', '400', '--output-dir', str(out)]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True, cwd=tmp_path)
-    for line in process.stdout:
-        if line.startswith('step '):
-            process.terminate()  # SIGTERM, as a scheduler's preemption
-            break
-    stdout, stderr = process.communicate(timeout=120)
-    assert process.returncode == 0, stderr
-    assert 'stopped by a signal' in stdout
-    step = load(out / 'checkpoint.pth')['step']
-    assert 2 <= step < 1600
-    result = subprocess.run(command[:-4] + ['--epochs', '400', '--output-dir', str(out),
-                                            '--stop-at-step', str(step + 2)],
-                            capture_output=True, text=True, cwd=tmp_path, timeout=120)
-    assert result.returncode == 0 and f'at step {step}' in result.stdout
-    assert load(out / 'checkpoint.pth')['step'] == step + 2
-
-
-@pytest.mark.parametrize('where', ['--data-on-device', '--no-data-on-device'])
-def test_two_gloo_processes_match_one(where, image_folder, tmp_path):
-    args = ['--data', str(image_folder), *TINY, where, '--epochs', '2']
-    assert run_main(byol, args + ['--output-dir', tmp_path / 'one'])[0] == 0
-    env = dict(os.environ, OMP_NUM_THREADS='1')
-    torchrun = [sys.executable, '-m', 'torch.distributed.run', '--standalone',
-                '--nproc_per_node=2', str(HERE / 'byol.py')]
-    result = subprocess.run(torchrun + args + ['--output-dir', str(tmp_path / 'two')],
-                            capture_output=True, text=True, env=env, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert '2 process(es)' in result.stdout
-    one, two = load(tmp_path / 'one' / 'checkpoint.pth'), load(tmp_path / 'two' /
-                                                                 'checkpoint.pth')
-    assert one['step'] == two['step'] == 8
-    assert_same_state(one, two, exact=False)  # equal up to float reduction order
-    # the global batch must divide over the processes
-    result = subprocess.run(torchrun + args[:-2] + ['--epochs', '1', '--batch-size', '15',
-                                                    '--output-dir', str(tmp_path / 'odd')],
-                            capture_output=True, text=True, env=env, timeout=300)
-    assert result.returncode != 0
-    assert 'byol.py: error: --batch-size 15 does not divide over 2 processes' in result.stderr
-
-
-def test_allreduce_batchnorm_equals_batchnorm_in_one_process():
-    bn = nn.BatchNorm2d(3)
-    synced = byol.synchronize_batchnorm(nn.Sequential(copy.deepcopy(bn)), torch.device('cpu'))[0]
-    assert isinstance(synced, byol.AllReduceBatchNorm)
-    x = torch.randn(8, 3, 5, 5, requires_grad=True)
-    dist = byol.dist
-    if not dist.is_initialized():
-        dist.init_process_group('gloo', init_method='tcp://127.0.0.1:0', rank=0, world_size=1)
-    try:
-        y_ref, y = bn(x), synced(x)
-        assert torch.allclose(y, y_ref, atol=1e-5)
-        g_ref, = torch.autograd.grad((y_ref ** 3).sum(), x)
-        g, = torch.autograd.grad((y ** 3).sum(), x)
-        assert torch.allclose(g, g_ref, atol=1e-4)
-        assert torch.allclose(synced.running_var, bn.running_var, atol=1e-6)
-        assert torch.allclose(synced.running_mean, bn.running_mean, atol=1e-6)
-    finally:
-        dist.destroy_process_group()
-
-
-def smooth_resnet18():
-    """ResNet-18 (small-image stem) with SiLU for ReLU. With ReLU, one or two of a batch's 4.5M
-    pre-activations lie within float32 rounding of 0 and flip sign between any two float32
-    computations (1 vs 2 processes, float32 vs float64 in one process alike), which moves some
-    gradients by ~1e-3; a smooth activation leaves only the arithmetic of the BN to compare."""
-    torch.manual_seed(0)
-    net, _ = byol.build_encoder('resnet18', small_images=True)
-    for module in list(net.modules()):
-        for name, child in module.named_children():
-            if isinstance(child, nn.ReLU):
-                setattr(module, name, nn.SiLU())
-    return net
-
-
-def sync_bn_worker(rank, folder):
-    """One of two gloo processes of the test below: half of each batch, statistics synced."""
-    torch.set_num_threads(1)
-    byol.dist.init_process_group('gloo', init_method=f'file://{folder}/store', rank=rank,
-                                 world_size=2)
-    half = slice(4 * rank, 4 * rank + 4)
-    encoder = byol.synchronize_batchnorm(smooth_resnet18(), torch.device('cpu'))
-    grads = []
-    for x, upstream in torch.load(folder / 'batches.pt'):
-        encoder.zero_grad()
-        encoder(x[half]).backward(upstream[half])
-        grads.append([byol.all_reduce_sum(p.grad) for p in encoder.parameters()])
-    bn = byol.synchronize_batchnorm(nn.BatchNorm1d(16), torch.device('cpu'))
-    y = bn(torch.load(folder / 'offset.pt')[half])
-    ys = [torch.empty_like(y) for _ in range(2)]
-    byol.dist.all_gather(ys, y.detach())
-    if rank == 0:
-        torch.save((grads, torch.cat(ys), bn.running_var), folder / 'out.pt')
-    byol.dist.destroy_process_group()
-
-
-def test_two_processes_compute_the_gradients_of_one_on_a_resnet(tmp_path):
-    g = torch.Generator().manual_seed(1)
-    batches = [(torch.randn(8, 3, 32, 32, generator=g), torch.randn(8, 512, generator=g))
-               for _ in range(3)]
-    offset = 1000 + torch.randn(8, 16, generator=g, dtype=torch.float64)  # |mean| / std ~ 1000
-    torch.save(batches, tmp_path / 'batches.pt')
-    torch.save(offset.float(), tmp_path / 'offset.pt')
-    torch.multiprocessing.spawn(sync_bn_worker, (tmp_path,), nprocs=2)
-    grads, y, running_var = torch.load(tmp_path / 'out.pt')
-    encoder = smooth_resnet18()
-    for (x, upstream), two in zip(batches, grads):  # 1 process, the whole batch of 8
-        encoder.zero_grad()
-        encoder(x).backward(upstream)
-        errors = [((a - p.grad).norm() / p.grad.norm()).item()
-                  for a, p in zip(two, encoder.parameters())]
-        assert max(errors) < 2e-5, max(errors)  # float32 rounding: measured <= 4e-6
-    # The statistics of inputs far from 0 (float32 sums of squares cancel there): as float64's
-    reference = nn.BatchNorm1d(16).double()
-    expected = reference(offset)
-    assert ((y.double() - expected).norm() / expected.norm()).item() < 1e-3  # measured 4e-5
-    assert torch.allclose(running_var.double(), reference.running_var, rtol=1e-2)
-
-
-def test_exported_encoder_loads_into_torchvision(image_folder, tmp_path):
-    out = tmp_path / 'r18'
-    args = ['--data', image_folder, *TINY, '--arch', 'resnet18', '--width', '1',
-            '--no-small-images', '--epochs', '1', '--output-dir', out]
-    assert run_main(byol, args)[0] == 0
-    state = load(out / 'encoder.pth')
-    resnet = torchvision.models.resnet18()
-    result = resnet.load_state_dict(state, strict=False)
-    assert sorted(result.missing_keys) == ['fc.bias', 'fc.weight']
-    assert result.unexpected_keys == []
-    checkpoint = load(out / 'checkpoint.pth')
-    assert torch.equal(resnet.conv1.weight, checkpoint['online']['encoder.conv1.weight'])
-    x = torch.randn(2, 3, 32, 32)
-    from_export, dim, settings = byol.load_encoder(out / 'encoder.pth')
-    from_checkpoint, _, checkpoint_settings = byol.load_encoder(out / 'checkpoint.pth')
-    assert settings == checkpoint_settings == dict(arch='resnet18', width=1, small_images=False,
-                                                   image_size=20)  # the folder's 24x20 images
-    resnet.fc = nn.Identity()
-    outputs = [m.eval()(x) for m in (from_export, from_checkpoint, resnet)]
-    assert dim == 512 and torch.equal(outputs[0], outputs[1]) and torch.equal(outputs[0],
-                                                                              outputs[2])
-
-
-def assert_one_line_error(code, err, *fragments):
-    assert code == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and 'Traceback' not in err, err
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-
-
-def test_bad_data_gives_one_line_errors(tmp_path, capsys):
-    common = [*TINY, '--epochs', '1', '--output-dir', tmp_path / 'out']
-    assert_one_line_error(*run_main(byol, ['--data', tmp_path / 'nope', *common], capsys)[::2],
-                          'no such folder')
-    (tmp_path / 'empty').mkdir()
-    assert_one_line_error(*run_main(byol, ['--data', tmp_path / 'empty', *common], capsys)[::2],
-                          'holds no images')
-    (tmp_path / 'bad' / 'cls').mkdir(parents=True)
-    (tmp_path / 'bad' / 'cls' / 'a.jpg').write_bytes(b'not a jpeg at all')
-    assert_one_line_error(*run_main(byol, ['--data', tmp_path / 'bad', *common], capsys)[::2],
-                          'cannot read image', 'a.jpg')
-    assert_one_line_error(*run_main(byol, ['--data', 'cifar10', '--data-root', tmp_path,
-                                           *common], capsys)[::2], 'pass --download')
-    assert_one_line_error(*run_main(byol, ['--data', tmp_path, '--arch', 'vit'], capsys)[::2],
-                          "invalid choice: 'vit'")
-    for flag, value, message in (('--batch-size', 'x', "'x' is not a positive integer"),
-                                 ('--batch-size', '0', "'0' is not a positive integer"),
-                                 ('--epochs', '-1', "'-1' is not a positive integer"),
-                                 ('--width', '0', "'0' is not a positive integer"),
-                                 ('--image-size', '0', "'0' is not a positive integer"),
-                                 ('--workers', '-1', "'-1' is not an integer >= 0"),
-                                 ('--lr', 'nan', "'nan' is not a positive number"),
-                                 ('--tau', '1.5', "'1.5' is not in [0, 1]")):
-        assert_one_line_error(*run_main(byol, ['--data', tmp_path, flag, value], capsys)[::2],
-                              f'argument {flag}: {message}')
-    assert not (tmp_path / 'out').exists()
-
-
-@pytest.mark.parametrize('where', [['--data-on-device'], ['--no-data-on-device'],
-                                   ['--no-data-on-device', '--decode-on-device']])
-def test_a_corrupt_image_mid_run_is_skipped_with_a_warning(where, image_folder, tmp_path, capsys):
-    data = tmp_path / 'data'
-    import shutil
-    shutil.copytree(image_folder / 'train', data)
-    (data / 'class3' / 'zzz_broken.jpg').write_bytes(b'\xff\xd8 truncated')
-    code, out, err = run_main(byol, ['--data', data, *TINY, *where, '--epochs', '1',
-                                     '--output-dir', tmp_path / 'out'], capsys)
-    assert code == 0 and 'done' in out
-    assert 'warning: skipping unreadable image' in err and 'zzz_broken.jpg' in err
-
-
-def test_bad_checkpoints_give_one_line_errors_and_keep_the_saved_one(image_folder, tmp_path,
-                                                                     capsys):
-    out = tmp_path / 'out'
-    args = ['--data', image_folder, *TINY, '--epochs', '1', '--output-dir', out]
-    assert run_main(byol, args)[0] == 0
-    saved = (out / 'checkpoint.pth').read_bytes()
-    code, _, err = run_main(byol, args + ['--arch', 'resnet18', '--width', '1'], capsys)
-    assert_one_line_error(code, err, 'was made with --arch convnet (now resnet18)')
-    code, _, err = run_main(byol, args + ['--batch-size', '32'], capsys)
-    assert_one_line_error(code, err, '--batch-size 16 (now 32)')
-    (tmp_path / 'junk.pth').write_bytes(b'junk')
-    code, _, err = run_main(byol, args + ['--resume', tmp_path / 'junk.pth'], capsys)
-    assert_one_line_error(code, err, 'cannot read checkpoint', 'junk.pth')
-    code, _, err = run_main(byol, args + ['--resume', out / 'encoder.pth'], capsys)
-    assert_one_line_error(code, err, 'not a byol.py training checkpoint')
-    code, _, err = run_main(byol, args + ['--resume', tmp_path / 'missing.pth'], capsys)
-    assert_one_line_error(code, err, 'does not exist')
-    assert (out / 'checkpoint.pth').read_bytes() == saved
-
-
-def test_a_run_resumes_in_another_precision(image_folder, tmp_path, capsys):
-    out = tmp_path / 'run'
-    args = ['--data', image_folder, *TINY[:-2], '--epochs', '2', '--output-dir', out]  # no --amp
-    assert TINY[-2:] == ['--amp', 'none']
-    assert run_main(byol, args + ['--amp', 'none', '--stop-at-step', '2'])[0] == 0
-    code, stdout, err = run_main(byol, args + ['--amp', 'fp16', '--stop-at-step', '4'], capsys)
-    assert code == 0, err  # a float32 checkpoint has no loss scale to load
-    assert 'steps 1-2 ran with --amp none; the run continues with --amp fp16' in stdout
-    fp16 = load(out / 'checkpoint.pth')
-    assert fp16['config']['amp'] == 'fp16' and fp16['scaler']['scale'] > 0
-    # without --amp, a resumed run keeps its own precision (not this machine's default)
-    assert run_main(byol, args + ['--stop-at-step', '6'])[0] == 0
-    again = load(out / 'checkpoint.pth')
-    assert again['config']['amp'] == 'fp16' and again['step'] == 6
-    assert run_main(byol, args + ['--amp', 'none'])[0] == 0
-    assert load(out / 'checkpoint.pth')['step'] == 8
-
-
-def test_an_unusable_output_dir_fails_before_any_work(image_folder, tmp_path, capsys,
-                                                      monkeypatch):
-    (tmp_path / 'file').write_text('not a folder')
-    out = tmp_path / 'file' / 'out'
-
-    def read_nothing(*args, **kwargs):
-        raise AssertionError('data read before the output folder was checked')
-    monkeypatch.setattr(byol, 'load_images', read_nothing)
-    for module, argv in ((byol, ['--data', image_folder, *TINY]),
-                         (linear_eval, ['--data', image_folder]),
-                         (semi_sup, ['--data', image_folder, '--subset', '0.5']),
-                         (transfer, ['--dataset', 'folder', '--data-root', image_folder])):
-        code, _, err = run_main(module, argv + ['--output-dir', out], capsys)
-        assert_one_line_error(code, err, f'{tmp_path / "file"} is a file, not a folder')
-
-
-def test_a_diverging_loss_stops_with_a_clear_message(image_folder, tmp_path, capsys):
-    code, _, err = run_main(byol, ['--data', image_folder, *TINY, '--epochs', '2', '--lr', '1e30',
-                                   '--output-dir', tmp_path], capsys)
-    assert_one_line_error(code, err, 'the loss is nan', 'lower --lr')
-
-
-def test_errors_print_no_traceback_from_the_command_line(tmp_path):
-    result = subprocess.run([sys.executable, str(HERE / 'byol.py'), '--data',
-                             str(tmp_path / 'nope')], capture_output=True, text=True)
-    assert_one_line_error(result.returncode, result.stderr, 'no such folder')
-
-# ------------------------------------------------------------------------------------------------
-# Evaluation: top-k, kNN, linear evaluation (linear_eval.py)
-# ------------------------------------------------------------------------------------------------
-
-
-def test_topk_accuracy_hand_computed():
-    scores = torch.tensor([[0.1, 0.5, 0.4], [0.7, 0.2, 0.1], [0.2, 0.3, 0.5]])
-    labels = torch.tensor([2, 0, 0])
-    # top-1: only row 1 is right; top-2: rows 0 and 1
-    top1, top2 = byol.topk_accuracy(scores, labels, ks=(1, 2))
-    assert top1 == pytest.approx(100 / 3) and top2 == pytest.approx(200 / 3)
-
-
-def test_knn_votes_are_temperature_weighted_cosine_similarities():
-    train = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [-1.0, 0.0]])
-    labels = torch.tensor([0, 1, 1, 2])
-    query = torch.tensor([[2.0, 0.5]])
-    cos = [2 / math.sqrt(4.25), 0.5 / math.sqrt(4.25), 2.5 / math.sqrt(4.25 * 2)]
-    scores = byol.knn_predict(train, labels, query, 3, k=2, temperature=0.07)
-    expected = torch.tensor([[math.exp(cos[0] / 0.07), math.exp(cos[2] / 0.07), 0.0]])
-    assert torch.allclose(scores, expected, rtol=1e-4)
-    # with k = 3 and temperature 1, two weaker votes for class 1 outweigh one for class 0
-    scores = byol.knn_predict(train, labels, query, 3, k=3, temperature=1.0)
-    assert torch.allclose(scores, torch.tensor([[math.exp(cos[0]),
-                                                 math.exp(cos[1]) + math.exp(cos[2]), 0.0]]),
-                          rtol=1e-5)
-    assert scores.argmax().item() == 1
-
-
-@pytest.fixture(scope='session')
-def tiny_checkpoint(image_folder, tmp_path_factory):
-    out = tmp_path_factory.mktemp('tiny')
-    assert run_main(byol, ['--data', image_folder, *TINY, '--epochs', '2', '--output-dir',
-                           out])[0] == 0
-    return out / 'checkpoint.pth'
-
-
-@pytest.mark.parametrize('cached', ['--cached', '--no-cached'])
-def test_linear_eval_protocols_leave_the_encoder_unchanged(cached, image_folder, tiny_checkpoint,
-                                                          tmp_path, monkeypatch):
-    args = ['--data', image_folder, '--pretrained', tiny_checkpoint, cached, '--epochs', '3',
-            '--batch-size', '16', '--workers', '0', '--holdout', '8', '--output-dir', tmp_path]
-    results = linear_eval.main([str(a) for a in args])
-    assert results['lr'] in linear_eval.LR_GRID and len(results['holdout_top1']) == 5
-    assert 0 <= results['top1'] <= results['top5'] <= 100
-    assert ('knn_top1' in results) == (cached == '--cached')
-    extract = byol.extract_features
-
-    def extract_and_tamper(encoder, *rest):  # a bug that would move the BN statistics
-        features = extract(encoder, *rest)
-        encoder[0][1].running_mean += 1
-        return features
-    monkeypatch.setattr(byol, 'extract_features', extract_and_tamper)
-    with pytest.raises(RuntimeError, match='frozen encoder changed'):
-        linear_eval.main([str(a) for a in args])
+    assert linear_eval.describe_encoder(encoder.state_dict()) == (arch, width, small)
 
 
 def test_every_evaluation_script_uses_the_encoders_own_settings(image_folder, tmp_path):
@@ -914,6 +1065,50 @@ def test_every_evaluation_script_uses_the_encoders_own_settings(image_folder, tm
     # an encoder.pth without its encoder.json: layout read from the weights, the data's size
     (out / 'encoder.json').unlink()
     assert sizes(out / 'encoder.pth') == (20, 20, 20)
+
+
+def test_topk_accuracy_hand_computed():
+    scores = torch.tensor([[0.1, 0.5, 0.4], [0.7, 0.2, 0.1], [0.2, 0.3, 0.5]])
+    labels = torch.tensor([2, 0, 0])
+    # top-1: only row 1 is right; top-2: rows 0 and 1
+    top1, top2 = linear_eval.topk_accuracy(scores, labels, ks=(1, 2))
+    assert top1 == pytest.approx(100 / 3) and top2 == pytest.approx(200 / 3)
+
+
+def test_knn_votes_are_temperature_weighted_cosine_similarities():
+    train = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [-1.0, 0.0]])
+    labels = torch.tensor([0, 1, 1, 2])
+    query = torch.tensor([[2.0, 0.5]])
+    cos = [2 / math.sqrt(4.25), 0.5 / math.sqrt(4.25), 2.5 / math.sqrt(4.25 * 2)]
+    scores = linear_eval.knn_predict(train, labels, query, 3, k=2, temperature=0.07)
+    expected = torch.tensor([[math.exp(cos[0] / 0.07), math.exp(cos[2] / 0.07), 0.0]])
+    assert torch.allclose(scores, expected, rtol=1e-4)
+    # with k = 3 and temperature 1, two weaker votes for class 1 outweigh one for class 0
+    scores = linear_eval.knn_predict(train, labels, query, 3, k=3, temperature=1.0)
+    assert torch.allclose(scores, torch.tensor([[math.exp(cos[0]),
+                                                 math.exp(cos[1]) + math.exp(cos[2]), 0.0]]),
+                          rtol=1e-5)
+    assert scores.argmax().item() == 1
+
+
+@pytest.mark.parametrize('cached', ['--cached', '--no-cached'])
+def test_linear_eval_protocols_leave_the_encoder_unchanged(cached, image_folder, tiny_checkpoint,
+                                                          tmp_path, monkeypatch):
+    args = ['--data', image_folder, '--pretrained', tiny_checkpoint, cached, '--epochs', '3',
+            '--batch-size', '16', '--workers', '0', '--holdout', '8', '--output-dir', tmp_path]
+    results = linear_eval.main([str(a) for a in args])
+    assert results['lr'] in linear_eval.LR_GRID and len(results['holdout_top1']) == 5
+    assert 0 <= results['top1'] <= results['top5'] <= 100
+    assert ('knn_top1' in results) == (cached == '--cached')
+    extract = linear_eval.features
+
+    def extract_and_tamper(encoder, *rest):  # a bug that would move the BN statistics
+        features = extract(encoder, *rest)
+        encoder[0][1].running_mean += 1
+        return features
+    monkeypatch.setattr(linear_eval, 'features', extract_and_tamper)
+    with pytest.raises(RuntimeError, match='frozen encoder changed'):
+        linear_eval.main([str(a) for a in args])
 
 
 def test_fp16_training_in_the_evaluation_scripts_scales_the_loss():
@@ -944,166 +1139,9 @@ def test_linear_eval_bad_inputs_give_one_line_errors(image_folder, tiny_checkpoi
                                           tiny_checkpoint], capsys)
     assert_one_line_error(code, err, 'no such folder')
 
-
 # ------------------------------------------------------------------------------------------------
-# Learning on real data: CIFAR-10 as an image folder (../shared/data/cifar10)
+# semi_sup.py: labelled subsets
 # ------------------------------------------------------------------------------------------------
-# About 4-5 min of CPU: convnet of width 16, five epochs of batch 128 (1,950 steps). One epoch
-# (1 min) already beats random init in a linear probe, but fine-tuning from it does not beat
-# fine-tuning from random init; five do (see the semi-supervised test). Short CPU runs need a
-# larger base lr than the 1000-epoch preset (the official imagenette example uses 2.0).
-CIFAR_BYOL = ['--arch', 'convnet', '--width', '16', '--batch-size', '128', '--epochs', '5',
-              '--lr', '4.0', '--tau', '0.99', '--warmup-epochs', '0.1', '--hidden-dim', '512',
-              '--projection-dim', '128', '--workers', '0', '--log-every', '30', '--seed', '0']
-
-
-@pytest.fixture(scope='session')
-def cifar_byol(tmp_path_factory):
-    """One short BYOL run on the CIFAR-10 folder, shared by the tests that need a trained
-    encoder -> (output folder, printed progress lines)."""
-    if not (CIFAR10 / 'train').is_dir():
-        pytest.skip(f'CIFAR-10 image folder not found at {CIFAR10}')
-    out = tmp_path_factory.mktemp('cifar_byol')
-    result = subprocess.run([sys.executable, str(HERE / 'byol.py'), '--data', str(CIFAR10),
-                             *CIFAR_BYOL, '--output-dir', str(out)],
-                            capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return out, result.stdout
-
-
-def progress(stdout):
-    """(loss, z_std) of each progress line."""
-    return [(float(line.split('loss ')[1].split()[0]), float(line.split('z_std ')[1].split()[0]))
-            for line in stdout.splitlines() if line.startswith('step ')]
-
-
-@needs_cifar10
-def test_byol_learns_on_cifar10(cifar_byol, tmp_path, capsys):
-    out, stdout = cifar_byol
-    lines = progress(stdout)
-    first, last = lines[0][0], lines[-1][0]
-    assert last <= 0.7 * first, f'the loss fell from {first} to {last} only'
-    assert all(std * math.sqrt(128) >= 0.5 for _, std in lines), 'collapse'
-    probe = ['--data', CIFAR10, '--train-images', '10000', '--workers', '0',
-             '--output-dir', tmp_path]
-    trained = linear_eval.main([str(a) for a in probe + ['--pretrained', out / 'checkpoint.pth']])
-    random = linear_eval.main([str(a) for a in probe + ['--arch', 'convnet', '--width', '16',
-                                                        '--seed', '0']])
-    print(f'linear probe: random init {random["top1"]:.2f}%, BYOL {trained["top1"]:.2f}%')
-    assert trained['top1'] >= random['top1'] + 2.0, (trained, random)
-    assert trained['image_size'] == 32 and trained['train_images'] == 10000
-    assert trained['knn_top1'] > random['knn_top1']
-    records = [json.loads(line) for line in open(tmp_path / 'results.jsonl')]
-    assert [r['top1'] for r in records] == [trained['top1'], random['top1']]
-
-# ------------------------------------------------------------------------------------------------
-# Speed features compute what the plain path computes
-# ------------------------------------------------------------------------------------------------
-
-
-def test_device_crops_equal_loader_crops(image_folder):
-    images = byol.load_images(str(image_folder))
-    loader = byol.make_loader(byol.Crops(images, 16, seed=3), 8, 0, True, 3, torch.device('cpu'))
-    on_device = byol.DeviceCrops(byol.images_in_memory(images), 16, 8, 3, torch.device('cpu'))
-    loader.sampler.set_epoch(2)
-    on_device.sampler.set_epoch(2)
-    assert len(loader) == len(on_device) == 8
-    for (crops, u, _, _), (device_crops, device_u) in zip(loader, on_device):
-        assert torch.equal(u, device_u)  # the same images, the same random parameters
-        difference = (crops.int() - device_crops.int()).abs()
-        assert difference.max() <= 1 and (difference > 0).float().mean() < 1e-3  # uint8 rounding
-
-
-def test_foreach_lars_matches_a_per_parameter_loop():
-    torch.manual_seed(0)
-    shapes = [(4, 3, 3, 3), (4,), (10, 4), (10,)]
-    params = [nn.Parameter(torch.randn(s)) for s in shapes]
-    reference = [p.detach().clone() for p in params]
-    momenta = [torch.zeros_like(p) for p in params]
-    optimizer = byol.LARS([dict(params=params[::2], weight_decay=1e-2, lars=True),
-                           dict(params=params[1::2], weight_decay=0.0, lars=False)], lr=0.3)
-    for _ in range(4):
-        grads = [torch.randn(s) for s in shapes]
-        for p, g in zip(params, grads):
-            p.grad = g.clone()
-        optimizer.step()
-        for i, (w, g) in enumerate(zip(reference, grads)):
-            u = g + 1e-2 * w if i % 2 == 0 else g
-            if i % 2 == 0:
-                u = u * (1e-3 * w.norm() / u.norm())
-            momenta[i] = 0.9 * momenta[i] + u
-            w -= 0.3 * momenta[i]
-    for p, w in zip(params, reference):
-        assert torch.allclose(p.data, w, atol=1e-6)
-
-
-def step_outputs(model, v1, v2, amp='none', memory_format=torch.contiguous_format):
-    model = copy.deepcopy(model).to(memory_format=memory_format)
-    v1, v2 = (v.contiguous(memory_format=memory_format) for v in (v1, v2))
-    with byol.autocast(torch.device('cpu'), amp):
-        loss = model(v1, v2)
-    loss.backward()
-    return loss.item(), torch.cat([p.grad.flatten() for p in model.online.parameters()])
-
-
-def test_bf16_autocast_and_channels_last_compute_the_same_step():
-    torch.manual_seed(0)
-    encoder, dim = byol.build_encoder('resnet18', small_images=True)
-    model = byol.BYOL(encoder, dim, hidden_dim=64, projection_dim=32)
-    crops = torch.randint(0, 256, (8, 2, 3, 16, 16), dtype=torch.uint8)
-    v1, v2 = byol.two_views(crops, augment.uniforms(0, 0, torch.arange(8)))
-    loss, grad = step_outputs(model, v1, v2)
-    loss_cl, grad_cl = step_outputs(model, v1, v2, memory_format=torch.channels_last)
-    assert loss_cl == pytest.approx(loss, rel=1e-5)
-    assert (grad_cl - grad).norm() / grad.norm() < 5e-3  # the same up to summation order
-    loss_bf16, grad_bf16 = step_outputs(model, v1, v2, amp='bf16')
-    assert loss_bf16 == pytest.approx(loss, rel=3e-2)
-    cosine = torch.nn.functional.cosine_similarity(grad_bf16, grad, dim=0)
-    assert cosine > 0.8, cosine  # bf16's 8-bit mantissa: measured 0.90 here, not noise (~0)
-
-
-def test_decode_on_device_gives_the_loader_crops(image_folder):
-    images = byol.load_images(str(image_folder / 'train'))
-    keys = [(1, i) for i in range(10)]
-    crops, u, labels, _ = byol.Crops(images, 16, seed=2).__getitems__(keys)
-    files, u_files, labels_files, _ = byol.EncodedCrops(images, 16, seed=2).__getitems__(keys)
-    assert torch.equal(u, u_files) and torch.equal(labels, labels_files)
-    assert torch.equal(byol.decode_crops(files, u_files, 16, torch.device('cpu')), crops)
-
-
-def test_compiled_model_computes_the_eager_loss_and_gradients():
-    model = tiny_byol()
-    v1, v2 = torch.randn(4, 3, 16, 16), torch.randn(4, 3, 16, 16)
-    eager = copy.deepcopy(model)
-    loss = eager(v1, v2)
-    loss.backward()
-    compiled_loss = torch.compile(model)(v1, v2)
-    compiled_loss.backward()
-    assert compiled_loss.item() == pytest.approx(loss.item(), rel=1e-5)
-    grad = torch.cat([p.grad.flatten() for p in eager.online.parameters()])
-    compiled_grad = torch.cat([p.grad.flatten() for p in model.online.parameters()])
-    assert (compiled_grad - grad).norm() < 1e-4 * grad.norm()  # fused kernels' rounding only
-
-
-def test_eval_every_logs_a_knn_accuracy(image_folder, tmp_path):
-    assert run_main(byol, ['--data', image_folder, *TINY, '--epochs', '2', '--eval-every', '1',
-                           '--output-dir', tmp_path])[0] == 0
-    records = [json.loads(line) for line in open(tmp_path / 'log.jsonl')]
-    assert [r['epoch'] for r in records] == [0, 1]
-    # 4 classes told apart by colour: the kNN monitor sees it well above chance (25%)
-    assert all(50 <= r['knn_top1'] <= 100 for r in records), records
-
-
-# ------------------------------------------------------------------------------------------------
-# Semi-supervised fine-tuning (semi_sup.py)
-# ------------------------------------------------------------------------------------------------
-
-
-SUBSETS = Path(os.environ.get('BYOL_IMAGENET_SUBSETS',
-                              HERE.parent / 'shared' / 'data' / 'imagenet_subsets'))
-needs_subsets = pytest.mark.skipif(
-    not (SUBSETS / '1percent.txt').is_file() or not (SUBSETS / '10percent.txt').is_file(),
-    reason=f'ImageNet subset lists not found in {SUBSETS} (set BYOL_IMAGENET_SUBSETS)')
 
 
 def fake_imagenet(root, names, extra_per_class=1):
@@ -1117,7 +1155,7 @@ def fake_imagenet(root, names, extra_per_class=1):
             (root / 'train' / wnid / f'{wnid}_9999999{k}.JPEG').write_bytes(b'x')
     for name in names:
         (root / 'train' / name.split('_')[0] / name).write_bytes(b'x')
-    return byol.FolderImages(root / 'train')
+    return augment.FolderImages(root / 'train')
 
 
 def listed(path):
@@ -1126,10 +1164,6 @@ def listed(path):
 
 def subset_args(*argv):
     return semi_sup.get_parser().parse_args(['--data', 'unused', *map(str, argv)])
-
-# ------------------------------------------------------------------------------------------------
-# Labelled subsets
-# ------------------------------------------------------------------------------------------------
 
 
 @needs_subsets
@@ -1201,7 +1235,7 @@ def test_a_bare_name_in_several_classes_is_ambiguous(tmp_path):
     for c in ('cat', 'dog'):
         (tmp_path / 'train' / c).mkdir(parents=True)
         (tmp_path / 'train' / c / '0001.jpg').write_bytes(b'x')
-    images = byol.FolderImages(tmp_path / 'train')
+    images = augment.FolderImages(tmp_path / 'train')
     (tmp_path / 'list.txt').write_text('0001.jpg\n')
     with pytest.raises(byol.UserError, match='0001.jpg names 2 images .in cat, dog'):
         semi_sup.read_subset_file(tmp_path / 'list.txt', images)
@@ -1256,9 +1290,8 @@ def test_default_batch_is_halved_for_small_sets():
     assert semi_sup.default_batch_size(29, 1) == 32       # never below MIN_BATCH
 
 # ------------------------------------------------------------------------------------------------
-# The protocol on the 4-class image folder
+# semi_sup.py: the protocol on the 4-class image folder
 # ------------------------------------------------------------------------------------------------
-TINY_FT = ['--arch', 'convnet', '--width', '4', '--workers', '0', '--batch-size', '8']
 
 
 def test_grid_selection_subset_file_and_results(image_folder, tmp_path, capsys):
@@ -1282,7 +1315,7 @@ def test_grid_selection_subset_file_and_results(image_folder, tmp_path, capsys):
     assert results['subset_file'] == str(saved)
     lines = saved.read_text().splitlines()
     assert Counter(line.split('/')[0] for line in lines) == {f'class{c}': 8 for c in range(4)}
-    images = byol.load_images(str(image_folder))
+    images = augment.load_images(str(image_folder))
     assert semi_sup.read_subset_file(saved, images) == semi_sup.balanced_subset(
         images.labels, 4, 0.5, 0)
     # --subset FILE gives the same run
@@ -1351,31 +1384,7 @@ def test_two_processes_draw_the_same_subset(image_folder, tmp_path):
     assert (two['labelled_images'], two['holdout_images']) == (32, 0)  # one setting: no choice
 
 # ------------------------------------------------------------------------------------------------
-# Learning on real data: 10% of CIFAR-10's labels, BYOL init vs random init
-# ------------------------------------------------------------------------------------------------
-
-
-@needs_cifar10
-def test_byol_init_beats_random_init_with_ten_percent_of_labels(cifar_byol, tmp_path):
-    out, _ = cifar_byol
-    # 5,000 labelled images (500 per class, 500 held out), one setting of the grid: lr 0.1 x 4
-    # epochs (the paper's 30 or 50 let random init catch up with an encoder of minutes: see
-    # semi_sup.py's docstring); all 10,000 validation images.
-    args = ['--data', CIFAR10, '--subset', '0.1', '--lr', '0.1', '--epochs', '4',
-            '--workers', '0', '--output-dir', tmp_path]
-    tuned = semi_sup.main(list(map(str, args + ['--pretrained', out / 'checkpoint.pth'])))
-    scratch = semi_sup.main(list(map(str, args + ['--arch', 'convnet', '--width', '16'])))
-    print(f'10% of CIFAR-10 labels, 4 epochs: random init {scratch["top1"]:.2f}%, '
-          f'BYOL {tuned["top1"]:.2f}%')
-    assert (tuned['labelled_images'], tuned['train_images'], tuned['batch_size'],
-            tuned['val_images']) == (5000, 5000, 256, 10000)
-    # Measured with this encoder: 46.99% vs 43.21%; with --seed 1 (another subset, order and
-    # head), 48.07% vs 45.77%; at lr 0.2, 47.98% vs 45.02% and 47.53% vs 45.25%.
-    assert tuned['top1'] >= scratch['top1'] + 1.5, (tuned, scratch)
-
-
-# ------------------------------------------------------------------------------------------------
-# Transfer (transfer.py): metrics
+# transfer.py: metrics
 # ------------------------------------------------------------------------------------------------
 
 
@@ -1432,7 +1441,7 @@ def test_multi_label_training_targets_are_uniform_over_present_classes():
     assert transfer.training_targets(labels) is labels
 
 # ------------------------------------------------------------------------------------------------
-# Logistic regression and the regularisation sweep
+# transfer.py: logistic regression and the regularisation sweep
 # ------------------------------------------------------------------------------------------------
 
 
@@ -1496,7 +1505,7 @@ def test_the_sweep_picks_the_penalty_that_validation_prefers():
     assert scores[0] < 20
 
 # ------------------------------------------------------------------------------------------------
-# Every dataset's loader, on fake directories in torchvision's layouts
+# transfer.py: every dataset's loader, on fake directories in torchvision's layouts
 # ------------------------------------------------------------------------------------------------
 
 
@@ -1756,9 +1765,8 @@ def test_missing_datasets_give_one_line_errors(tmp_path, capsys):
     assert not (tmp_path / 'caltech101').exists()  # nothing was created under --data-root
 
 # ------------------------------------------------------------------------------------------------
-# The protocols end to end
+# transfer.py: the protocols end to end
 # ------------------------------------------------------------------------------------------------
-TINY_T = ['--arch', 'convnet', '--width', '4', '--workers', '0', '--image-size', '16']
 
 
 def test_all_runs_the_present_datasets_and_writes_the_table(tmp_path, monkeypatch, capsys):
@@ -1796,7 +1804,53 @@ def test_finetune_protocol_runs_the_grid_and_refits(image_folder, tmp_path, caps
     assert result['val'] == max(result['val_by_lr_wd'].values())
     assert result['train_val_test'] == [58, 6, 16] and 0 <= result['test'] <= 100
 
+# ------------------------------------------------------------------------------------------------
+# Slow: learning on real data, CIFAR-10 as an image folder (pytest -m slow; about 7 min on 2 cores)
+# ------------------------------------------------------------------------------------------------
 
+
+@pytest.mark.slow
+@needs_cifar10
+def test_byol_learns_on_cifar10(cifar_byol, tmp_path, capsys):
+    out, stdout = cifar_byol
+    lines = progress(stdout)
+    first, last = lines[0][0], lines[-1][0]
+    assert last <= 0.7 * first, f'the loss fell from {first} to {last} only'
+    assert all(std * math.sqrt(128) >= 0.5 for _, std in lines), 'collapse'
+    probe = ['--data', CIFAR10, '--train-images', '10000', '--workers', '0',
+             '--output-dir', tmp_path]
+    trained = linear_eval.main([str(a) for a in probe + ['--pretrained', out / 'checkpoint.pth']])
+    random = linear_eval.main([str(a) for a in probe + ['--arch', 'convnet', '--width', '16',
+                                                        '--seed', '0']])
+    print(f'linear probe: random init {random["top1"]:.2f}%, BYOL {trained["top1"]:.2f}%')
+    assert trained['top1'] >= random['top1'] + 2.0, (trained, random)
+    assert trained['image_size'] == 32 and trained['train_images'] == 10000
+    assert trained['knn_top1'] > random['knn_top1']
+    records = [json.loads(line) for line in open(tmp_path / 'results.jsonl')]
+    assert [r['top1'] for r in records] == [trained['top1'], random['top1']]
+
+
+@pytest.mark.slow
+@needs_cifar10
+def test_byol_init_beats_random_init_with_ten_percent_of_labels(cifar_byol, tmp_path):
+    out, _ = cifar_byol
+    # 5,000 labelled images (500 per class, 500 held out), one setting of the grid: lr 0.1 x 4
+    # epochs (the paper's 30 or 50 let random init catch up with an encoder of minutes: see
+    # semi_sup.py's docstring); all 10,000 validation images.
+    args = ['--data', CIFAR10, '--subset', '0.1', '--lr', '0.1', '--epochs', '4',
+            '--workers', '0', '--output-dir', tmp_path]
+    tuned = semi_sup.main(list(map(str, args + ['--pretrained', out / 'checkpoint.pth'])))
+    scratch = semi_sup.main(list(map(str, args + ['--arch', 'convnet', '--width', '16'])))
+    print(f'10% of CIFAR-10 labels, 4 epochs: random init {scratch["top1"]:.2f}%, '
+          f'BYOL {tuned["top1"]:.2f}%')
+    assert (tuned['labelled_images'], tuned['train_images'], tuned['batch_size'],
+            tuned['val_images']) == (5000, 5000, 256, 10000)
+    # Measured with this encoder: 46.99% vs 43.21%; with --seed 1 (another subset, order and
+    # head), 48.07% vs 45.77%; at lr 0.2, 47.98% vs 45.02% and 47.53% vs 45.25%.
+    assert tuned['top1'] >= scratch['top1'] + 1.5, (tuned, scratch)
+
+
+@pytest.mark.slow
 @needs_cifar10
 def test_linear_transfer_to_cifar10_beats_random_init(cifar_byol, tmp_path):
     """A real transfer target: a subset of the CIFAR-10 folder as --dataset cifar10."""

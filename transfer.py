@@ -50,6 +50,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
+import augment
 import byol
 import linear_eval
 from byol import UserError, log
@@ -129,7 +130,6 @@ def get_parser():
     a('--train-images', type=byol.nonnegative_int, default=0,
       help='use this many training images (a seeded '
       'subset, for quick runs; 0: all)')
-    a('--workers', type=byol.nonnegative_int, default=None, help='data-loader processes')
     a('--seed', type=int, default=0, help='seeds the carved validation splits, the head and '
       'the fine-tuning order')
     a('--output-dir', default='runs/transfer', help='<dataset>_<protocol>.json and '
@@ -145,7 +145,7 @@ def get_parser():
 Split = namedtuple('Split', 'images targets')
 
 
-class FileImages(byol.FolderImages):
+class FileImages(augment.FolderImages):
     """An image source over a list of files and labels (FolderImages' decoding, no folder scan)."""
 
     def __init__(self, files, labels, classes):
@@ -174,13 +174,25 @@ class ConcatImages:
         source, j = self._locate(i)
         return source.load(j)
 
+    def read(self, indices):  # a list of file bytes or images, each from its own source
+        items = []
+        for i in torch.as_tensor(indices).tolist():
+            source, j = self._locate(i)
+            items += list(source.read([j]))
+        return items
+
+    @property
+    def shared_size(self):
+        sizes = {source.shared_size for source in self.sources}
+        return sizes.pop() if len(sizes) == 1 else None
+
     def name(self, i):
         source, j = self._locate(i)
         return source.name(j)
 
 
 def subset(split, indices):
-    return Split(byol.Subset(split.images, list(indices)), split.targets[list(indices)])
+    return Split(augment.Subset(split.images, list(indices)), split.targets[list(indices)])
 
 
 def concat(a, b):
@@ -249,7 +261,7 @@ def from_torchvision(cls, root, download, **kwargs):
 
 
 def image_folder(path):
-    return labelled(byol.load_images(str(path), split='train'))
+    return labelled(augment.load_images(str(path), split='train'))
 
 
 def food101(root, download, seed):
@@ -266,7 +278,7 @@ def cifar(name):
             train = image_folder(folder / 'train')
             test = image_folder(folder / ('test' if (folder / 'test').is_dir() else 'val'))
         else:
-            train, test = (labelled(byol.named_images(name, str(root), is_train, download))
+            train, test = (labelled(augment.named_images(name, str(root), is_train, download))
                            for is_train in (True, False))
         return (*carve_random(train, name, seed), test)
     return load
@@ -423,7 +435,7 @@ def load_dataset(name, root, download=False, seed=0):
 
 def top1(scores, targets):
     """Percentage of images whose highest score is their class."""
-    return byol.topk_accuracy(scores, targets, ks=(1,))[0]
+    return linear_eval.topk_accuracy(scores, targets, ks=(1,))[0]
 
 
 def mean_per_class_accuracy(scores, targets):
@@ -559,8 +571,8 @@ def linear_protocol(args, splits, metric, encoder, size, device, amp, workers):
         # UNCONFIRMED (SPEC.md section 6): the paper resizes the shorter side to 224 and does
         # not say whether a centre crop follows; we take it (SimCLR's description of the same
         # protocol has one, and it keeps batches of one shape): the whole centred square.
-        return byol.centre_crop_features(encoder, images, size, args.batch_size, workers,
-                                         device, amp, center_fraction=1.0)[0]
+        return linear_eval.features(encoder, images, size, args.batch_size, workers, device,
+                                    amp, center_fraction=1.0)[0]
 
     start = time.time()
     x = {k: features(s.images) for k, s in splits.items()}
@@ -608,10 +620,9 @@ def finetune(args, encoder, feature_dim, train, evaluate, metric, lr, wd, size, 
     # and the decay applies to every parameter.
     optimizer = linear_eval.nesterov_sgd([dict(params=model.parameters(), base_lr=lr,
                                                weight_decay=wd / lr)])
-    loader = byol.make_loader(byol.Crops(train.images, size, n_views=1, random=True,
-                                         seed=args.seed), args.batch_size, workers, True,
-                              args.seed, device)
-    epoch_batches = linear_eval.augmented_batches(loader, device,
+    loader, _ = augment.batches(train.images, size, args.batch_size, 'train', args.seed, device,
+                                workers)
+    epoch_batches = linear_eval.augmented_batches(loader,
                                                   training_targets(train.targets).to(device))
 
     def stream():  # batches of augmented views, epoch after epoch
@@ -628,8 +639,8 @@ def finetune(args, encoder, feature_dim, train, evaluate, metric, lr, wd, size, 
     batches.close()  # ends the loader's epoch (and its worker processes) now, not at exit
     results = {}
     for name, split in evaluate.items():
-        scores = byol.centre_crop_features(model, split.images, size, args.batch_size, workers,
-                                           device, amp)[0]
+        scores = linear_eval.features(model, split.images, size, args.batch_size, workers,
+                                      device, amp)[0]
         results[name] = metric(scores, split.targets.to(device))
     return results
 
@@ -657,7 +668,7 @@ def evaluate_dataset(args, name, device, amp, workers):
     start = time.time()
     splits = load_dataset(name, args.data_root, args.download, args.seed)
     if args.train_images and args.train_images < len(splits['train'].images):
-        splits['train'] = subset(splits['train'], byol.random_indices(
+        splits['train'] = subset(splits['train'], augment.random_indices(
             len(splits['train'].images), args.train_images, args.seed))
     metric_name = args.metric or (DATASETS[name].metric if name in DATASETS else 'top1')
     if metric_name == 'map11' and splits['train'].targets.dim() == 1:
@@ -715,10 +726,7 @@ def write_table(results, skipped, protocol, out):
 def run(args):
     if bool(args.dataset) == args.all:
         raise UserError('pass --dataset NAME or --all (one of the two)')
-    byol.check_output_dir(args.output_dir)
-    device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
-    amp = args.amp or byol.default_amp()
-    workers = byol.default_workers() if args.workers is None else args.workers
+    _, device, amp, workers = linear_eval.start(args)  # one process (no torchrun)
     names, skipped = ([args.dataset], []) if args.dataset else ([], [])
     if args.all:
         for name in DATASETS:

@@ -7,18 +7,17 @@ and off, measured side by side in one run.
     python bench/throughput.py --pipeline ../shared/data/cifar10 --image-size 32 --batch-size 128
 
 Step variants (images/s counts each source image once, i.e. batch / step time):
-  straightforward   per-image augmentation on the CPU, per-parameter Python loops for LARS and the
-                    EMA, fp32, default memory format: what a direct transcription of the paper does
-  byol.py           batched augmentation on the training device, multi-tensor (foreach) LARS and
-                    EMA, bf16 autocast where it is faster (GPUs; CPUs with AMX), channels_last
-                    on GPUs: as byol.py runs
+  straightforward   per-image augmentation on the CPU, fp32, default memory format: what a direct
+                    transcription of the paper does
+  byol.py           batched augmentation on the training device, bf16 autocast where it is faster
+                    (GPUs; CPUs with AMX), channels_last on GPUs: as byol.py runs
   byol.py - X       byol.py with one feature X switched back to the straightforward way
   byol.py + compile torch.compile of the BYOL module (--compile; opt-in)
 Warm-up steps are excluded; each variant's time is the median over --repeats timings of --steps
 steps. On GPUs the model FLOPs utilisation (MFU) is the step's FLOPs (counted by
 torch.utils.flop_counter) per second over the GPU's measured dense bf16 matmul rate.
-The pipeline part times what feeds the step: the DataLoader path (decode + crop in workers) and
-the on-device path (crops of a dataset held in device memory), in images/s delivered.
+The pipeline part times what feeds the step, each placement of augment.py's stages (loader
+workers, dataset held in memory, decoding on the GPU), in images (view pairs) per second.
 Prints a table and writes --json.
 """
 import argparse
@@ -40,45 +39,22 @@ import byol  # noqa: E402
 # ------------------------------------------------------------------------------------------------
 
 
-class LoopLARS(byol.LARS):
-    """byol.LARS's update written as a Python loop over parameters (the usual transcription)."""
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        for group in self.param_groups:
-            for p in group['params']:
-                if p.grad is None:
-                    continue
-                u = p.grad
-                if group['lars']:
-                    u = u + group['weight_decay'] * p
-                    w_norm, u_norm = p.norm(), u.norm()
-                    if w_norm > 0 and u_norm > 0:  # (a host synchronisation per tensor on GPUs)
-                        u = u * (group['eta'] * w_norm / u_norm)
-                m = self.state[p].setdefault('momentum_buffer', torch.zeros_like(p))
-                m.mul_(group['momentum']).add_(u)
-                p.add_(m, alpha=-group['lr'])
-
-
-@torch.no_grad()
-def loop_ema(model, tau):
-    for o, t in zip(*model.online_target_pairs()):
-        t.mul_(tau).add_(o, alpha=1 - tau)
+def two_views(crops, u):
+    """The photometric halves of T and T' on a batch of crop pairs, as the pipeline makes them."""
+    return augment.Pipeline(None, crops.shape[-1], 'byol').views(crops, u, None, None)
 
 
 def per_image_views(crops, u):
-    """byol.two_views one image at a time, on the CPU (as a per-image torchvision pipeline)."""
+    """two_views one image at a time, on the CPU (as a per-image torchvision pipeline)."""
     crops, u = crops.cpu(), u.cpu()
-    views = [byol.two_views(crops[i:i + 1], u[i:i + 1]) for i in range(len(crops))]
-    return torch.cat([v for v, _ in views]), torch.cat([v for _, v in views])
+    return torch.cat([two_views(crops[i:i + 1], u[i:i + 1]) for i in range(len(crops))], dim=1)
 
 # ------------------------------------------------------------------------------------------------
 # The step
 # ------------------------------------------------------------------------------------------------
 
 
-def make_step(args, device, batched_augment=True, foreach=True, amp=None, channels_last=None,
-              compile=False):
+def make_step(args, device, batched_augment=True, amp=None, channels_last=None, compile=False):
     """A training step of byol.py (augmentation included, crops given) with the chosen ways."""
     torch.manual_seed(0)
     amp = amp if amp is not None else byol.default_amp()
@@ -87,22 +63,21 @@ def make_step(args, device, batched_augment=True, foreach=True, amp=None, channe
     encoder, dim = byol.build_encoder(args.arch, args.image_size <= 64, args.width)
     model = byol.BYOL(encoder, dim, args.hidden_dim, args.projection_dim).to(
         device, memory_format=memory_format)
-    optimizer = (byol.LARS if foreach else LoopLARS)(byol.lars_param_groups(model, 1.5e-6),
-                                                    lr=0.1)
+    optimizer = byol.LARS(byol.lars_param_groups(model, 1.5e-6), lr=0.1)
     forward = torch.compile(model) if compile else model
     crops = torch.randint(0, 256, (args.batch_size, 2, 3, args.image_size, args.image_size),
                           dtype=torch.uint8, device=device)
     u = augment.uniforms(0, 0, torch.arange(args.batch_size, device=device))
 
     def step():
-        v1, v2 = byol.two_views(crops, u) if batched_augment else per_image_views(crops, u)
+        v1, v2 = two_views(crops, u) if batched_augment else per_image_views(crops, u)
         v1, v2 = (v.to(device).contiguous(memory_format=memory_format) for v in (v1, v2))
         with byol.autocast(device, amp):
-            loss = forward(v1, v2)
+            loss, _ = forward(v1, v2)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        (model.update_target if foreach else lambda tau: loop_ema(model, tau))(0.996)
+        model.update_target(0.996)
         return loss
     return step, (v1_v2_flops(model, crops, u, device, amp, memory_format)
                   if device.type == 'cuda' else None)
@@ -111,10 +86,10 @@ def make_step(args, device, batched_augment=True, foreach=True, amp=None, channe
 def v1_v2_flops(model, crops, u, device, amp, memory_format):
     """FLOPs of one forward + backward of the BYOL module (the step's arithmetic)."""
     from torch.utils.flop_counter import FlopCounterMode
-    v1, v2 = (v.contiguous(memory_format=memory_format) for v in byol.two_views(crops, u))
+    v1, v2 = (v.contiguous(memory_format=memory_format) for v in two_views(crops, u))
     with FlopCounterMode(display=False) as counter:
         with byol.autocast(device, amp):
-            loss = model(v1, v2)
+            loss, _ = model(v1, v2)
         loss.backward()
     model.zero_grad(set_to_none=True)
     return counter.get_total_flops()
@@ -159,34 +134,33 @@ def matmul_rate(device, n=8192, repeats=20):
 
 
 def pipeline_rates(args, device):
-    """Images/s delivered by the DataLoader path and by the on-device path, over --pipeline."""
-    images = byol.load_images(args.pipeline)
-    batch, rates = args.batch_size, {}
-    loader = byol.make_loader(byol.Crops(images, args.image_size), batch, args.workers, True, 0,
-                              device, transform=None if device.type == 'cuda' else
-                              byol.views_in_loader)
-    loader.sampler.set_epoch(0)
-    rates[f'DataLoader, {args.workers} workers (decode, crop' +
-          ('' if device.type == 'cuda' else ', augment') + ')'] = delivered(loader, device,
-                                                                           args.pipeline_batches)
-    data = byol.images_in_memory(images)
-    if data is not None:
-        on_device = byol.DeviceCrops(data, args.image_size, batch, 0, device)
-        on_device.sampler.set_epoch(0)
-        rates['on the device (crop, augment)'] = delivered(
-            on_device, device, args.pipeline_batches, augment_views=True)
+    """Views/s delivered by each placement of the pipeline's stages (augment.batches), over the
+    image folder --pipeline: the loader's workers, the dataset held in memory (if it fits), and,
+    on GPUs, decoding there."""
+    images = augment.load_images(args.pipeline)
+    placements = [dict(in_memory=False)]
+    if augment.images_in_memory(images) is not None:
+        placements.append(dict(in_memory=True))
+    if device.type == 'cuda':
+        placements.append(dict(in_memory=False, decode_on_device=True))
+    rates = {}
+    for options in placements:
+        loader, where = augment.batches(images, args.image_size, args.batch_size, 'byol',
+                                        device=device, workers=args.workers, **options)
+        loader.set_epoch(0)
+        name = where.split(', ', 1)[1] + ('' if options['in_memory'] else
+                                          f' ({args.workers} workers)')
+        rates[name] = delivered(loader, device, args.pipeline_batches)
     return rates
 
 
-def delivered(batches, device, n, augment_views=False):
-    iterator = iter(batches)
+def delivered(loader, device, n):
+    iterator = iter(loader)
     next(iterator)  # warm-up: workers start, first batch
     count, start = 0, time.perf_counter()
     for _ in range(n):
-        crops, u = next(iterator)[:2]
-        if augment_views:
-            byol.two_views(crops, u)
-        count += len(crops)
+        views, _, _ = next(iterator)
+        count += views.shape[1]
     sync(device)
     return count / (time.perf_counter() - start)
 
@@ -216,26 +190,28 @@ def main():
     p.add_argument('--repeats', type=int, default=3)
     p.add_argument('--compile', action='store_true', help='also time torch.compile')
     p.add_argument('--no-ablations', action='store_true', help='only the two ends')
+    p.add_argument('--no-baseline', action='store_true', help='not the straightforward step '
+                   '(its per-image augmentation takes long at 224 px)')
     p.add_argument('--pipeline', default=None, help='an image folder: also time the pipeline')
     p.add_argument('--pipeline-batches', type=int, default=20)
-    p.add_argument('--workers', type=int, default=byol.default_workers())
+    p.add_argument('--workers', type=int, default=augment.default_workers())
     p.add_argument('--json', default='bench/throughput.json')
     args = p.parse_args()
     device = torch.device(args.device)
     cuda = device.type == 'cuda'
 
-    variants = {'straightforward': dict(batched_augment=False, foreach=False, amp='none',
-                                        channels_last=False),
+    variants = {'straightforward': dict(batched_augment=False, amp='none', channels_last=False),
                 'byol.py': {}}
     if not args.no_ablations:
         variants['byol.py - batched augmentation'] = dict(batched_augment=False)
-        variants['byol.py - foreach LARS/EMA'] = dict(foreach=False)
         default, other = byol.default_amp(), {'bf16': 'none', 'none': 'bf16'}[byol.default_amp()]
         variants[f'byol.py, {other} instead of {default}'] = dict(amp=other)
         if cuda:
             variants['byol.py - channels_last'] = dict(channels_last=False)
     if args.compile:
         variants['byol.py + compile'] = dict(compile=True)
+    if args.no_baseline:
+        del variants['straightforward']
 
     hardware = torch.cuda.get_device_name(device) if cuda else cpu_features()
     print(f'{args.arch} at {args.image_size} px, batch {args.batch_size}, {device} ({hardware}), '
@@ -253,16 +229,17 @@ def main():
         print(f'  {name:34s} {row["images_per_s"]:9.1f} img/s  {seconds * 1000:9.1f} ms/step'
               + (f'  MFU {row["mfu"]:.1%}' if 'mfu' in row else ''), flush=True)
         del step
-    base, ours = (results['steps'][k]['images_per_s'] for k in ('straightforward', 'byol.py'))
-    results['speedup'] = ours / base
-    print(f'  byol.py / straightforward: {ours / base:.2f}x')
+    if not args.no_baseline:
+        base, ours = (results['steps'][k]['images_per_s'] for k in ('straightforward', 'byol.py'))
+        results['speedup'] = ours / base
+        print(f'  byol.py / straightforward: {ours / base:.2f}x')
     if peak:
         results['bf16_matmul_tflops'] = peak / 1e12
         print(f'  measured bf16 matmul rate: {peak / 1e12:.0f} TFLOP/s')
     if args.pipeline:
         results['pipeline'] = pipeline_rates(args, device)
         for name, rate in results['pipeline'].items():
-            print(f'  pipeline: {name:40s} {rate:9.1f} img/s')
+            print(f'  pipeline: {name:60s} {rate:9.1f} img/s')
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(results, indent=1))
 

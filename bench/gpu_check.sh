@@ -1,0 +1,114 @@
+#!/usr/bin/env bash
+# bench/gpu_check.sh: every GPU check that bench/RESULTS.md cites, in one command of at most 8
+# minutes on one H100/H200 (each part has its own time limit; a part that fails is reported and
+# the others still run):
+#   1. ResNet-50 at 224 px: the step (img/s, MFU), and what each placement of the data pipeline
+#      delivers on ImageNet-size JPEGs (the CPU loader vs decoding on the GPU)
+#   2. ResNet-18 at 32 px on CIFAR-10: the step, the CPU loader vs the dataset held in memory
+#   3. a short CIFAR-10 pretraining (ResNet-18, 20 epochs) with the linear probe, against random init
+#   4. resume: a run stopped at step 60 and resumed ends where an uninterrupted one does
+#
+#   bash bench/gpu_check.sh [CIFAR10_FOLDER]
+# CIFAR10_FOLDER defaults to data/cifar10, then ../shared/data/cifar10; parts 2-4 need it. Only the
+# repository travels to a lent GPU machine, so copy it in first (55 MB; data/ is git-ignored):
+#   cp -r ../shared/data/cifar10 data/     # then run with carry: ["data"]
+# Results: $OUT (or bench/gpu/) gets summary.txt and the JSON files of each part.
+# SMOKE=1 runs every part at a tiny size on the CPU, to check the script itself.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1
+results=${OUT:-bench/gpu}
+mkdir -p "$results"
+cifar=${1:-data/cifar10}
+[ -d "$cifar/train" ] || cifar=../shared/data/cifar10
+if [ "${SMOKE:-0}" = 1 ]; then  # a folder of 96 + 32 random 32 px images stands in for CIFAR-10
+  cifar=$(mktemp -d)
+  python3 - "$cifar" <<'PY'
+import os, sys, torch, torchvision
+for split, n in (('train', 96), ('val', 32)):
+    for i in range(n):
+        os.makedirs(f'{sys.argv[1]}/{split}/c{i % 4}', exist_ok=True)
+        image = torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8)
+        torchvision.io.write_jpeg(image, f'{sys.argv[1]}/{split}/c{i % 4}/{i}.jpg')
+PY
+fi
+log="$results/summary.txt"
+if [ "${SMOKE:-0}" = 1 ]; then  # the settings below, at a size a CPU runs in seconds
+  dev=cpu r50=2 r18=16 epochs=1 steps=1 warmup=1 repeats=1 photos_n=32 stop=2 arch=convnet
+  extra=(--hidden-dim 64 --projection-dim 32)
+else
+  dev=cuda r50=256 r18=512 epochs=20 steps=10 warmup=5 repeats=3 photos_n=1024 stop=60
+  arch=resnet18 extra=()
+fi
+part() {  # part SECONDS TITLE COMMAND...: run with a time limit, keep going on failure
+  local limit=$1 title=$2 code; shift 2
+  echo "=== $title ($(date -u +%H:%M:%S), limit ${limit}s)" | tee -a "$log"
+  timeout "$limit" "$@" > "$results/part.log" 2>&1; code=$?
+  grep -v '^step ' "$results/part.log" | tail -n 40 | tee -a "$log"
+  grep '^step ' "$results/part.log" | tail -n 2 | tee -a "$log"
+  echo "=== exit $code: $title" | tee -a "$log"
+  rm -f "$results/part.log"
+}
+{ date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  python3 -c 'import torch, torchvision; print("torch", torch.__version__, "cuda",
+              torch.version.cuda, "torchvision", torchvision.__version__)'; nproc; } | tee "$log"
+
+# 1. ResNet-50 at 224 px; a folder of 1,024 ImageNet-size JPEGs (400 x 533) for the pipeline.
+photos=$(mktemp -d)
+python3 - "$photos" "$photos_n" <<'PY'
+import os, sys, torch, torchvision, torch.nn.functional as F
+g = torch.Generator().manual_seed(0)
+for i in range(int(sys.argv[2])):
+    low = torch.rand(1, 3, 25, 33, generator=g)
+    image = (F.interpolate(low, size=(400, 533), mode='bicubic')[0].clamp(0, 1) * 255).byte()
+    folder = f'{sys.argv[1]}/c{i % 8}'
+    os.makedirs(folder, exist_ok=True)
+    torchvision.io.write_jpeg(image, f'{folder}/{i}.jpg', quality=90)
+PY
+part 150 "ResNet-50, 224 px, batch $r50: the step and the pipeline" \
+  python3 bench/throughput.py --arch resnet50 --image-size 224 --batch-size $r50 --device $dev \
+    --warmup $warmup --steps $steps --repeats $repeats --no-ablations --no-baseline \
+    --pipeline "$photos" \
+    --pipeline-batches 6 --json "$results/gpu_resnet50_224px.json"
+
+if [ -d "$cifar/train" ]; then
+  # 2. ResNet-18 at 32 px on CIFAR-10: the step; the loader vs the dataset held in memory.
+  part 120 "ResNet-18, 32 px, batch $r18: the step and the pipeline" \
+    python3 bench/throughput.py --arch $arch --image-size 32 --batch-size $r18 --device $dev \
+      --warmup $warmup --steps $((2 * steps)) --repeats $repeats --no-ablations --no-baseline \
+      --pipeline "$cifar" \
+      --json "$results/gpu_resnet18_32px.json"
+  # 3. Pretraining and the linear probe (random init first: the same encoder before training).
+  run=$(mktemp -d)
+  common=(--arch $arch --batch-size $r18 --lr 2.0 --tau 0.99 --warmup-epochs 1 --seed 0
+          "${extra[@]}")
+  part 180 "BYOL on CIFAR-10, $arch, $epochs epochs of batch $r18" \
+    python3 byol.py --data "$cifar" "${common[@]}" --epochs $epochs --eval-every 5 \
+      --output-dir "$run/byol"
+  cp "$run/byol/log.jsonl" "$results/cifar_byol_log.jsonl" 2>/dev/null
+  part 60 "linear probe: random init" python3 linear_eval.py --data "$cifar" --arch $arch \
+    --small-images --seed 0 --output-dir "$run/probe"
+  part 60 "linear probe: BYOL" python3 linear_eval.py --data "$cifar" \
+    --pretrained "$run/byol/checkpoint.pth" --output-dir "$run/probe"
+  cp "$run/probe/results.jsonl" "$results/cifar_probe.jsonl" 2>/dev/null
+  # 4. Resume: 2 epochs in one go, and stopped at step $stop then resumed.
+  part 90 "resume check" bash -c "
+    python3 byol.py --data '$cifar' ${common[*]} --epochs 2 --output-dir '$run/full' &&
+    python3 byol.py --data '$cifar' ${common[*]} --epochs 2 --output-dir '$run/part' \
+      --stop-at-step $stop &&
+    python3 byol.py --data '$cifar' ${common[*]} --epochs 2 --output-dir '$run/part' &&
+    python3 - '$run' <<'PY'
+import sys, torch
+full, part = (torch.load(f'{sys.argv[1]}/{r}/checkpoint.pth', map_location='cpu')
+              for r in ('full', 'part'))
+assert full['step'] == part['step'], (full['step'], part['step'])
+worst = max(((full['online'][k].float() - part['online'][k].float()).norm() /
+             full['online'][k].float().norm().clamp_min(1e-12)).item()
+            for k in full['online'] if full['online'][k].is_floating_point())
+print(f'resumed vs uninterrupted, {full[\"step\"]} steps: largest relative weight difference '
+      f'{worst:.2e} (0 on a CPU; on a GPU cuDNN kernels are not deterministic: small, not 0)')
+PY"
+else
+  echo "no CIFAR-10 folder at $cifar: parts 2-4 skipped (see the header)" | tee -a "$log"
+fi
+echo "done $(date -u)" | tee -a "$log"
