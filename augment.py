@@ -114,7 +114,7 @@ def _between(u, low_high):
     return low + (high - low) * u
 
 # ------------------------------------------------------------------------------------------------
-# Crops (in the data loader, one image at a time)
+# The crop: the geometric half of T and T' (random resized crops), and evaluation crops
 # ------------------------------------------------------------------------------------------------
 
 

@@ -34,6 +34,9 @@ Measured (2 shared CPU cores, linear protocol, CIFAR-10 JPEG folder ../shared/da
     python transfer.py --dataset cifar10 --data-root ../shared/data \
         --pretrained runs/byol/checkpoint.pth        # a 1-epoch CPU BYOL (the quick start)
         BYOL: top-1 48.3% (l2 chosen 5.6e-2), 71 CPU-seconds in all
+  (those two with PyTorch's default initialisation and torch's bicubic crops; with the official
+  initialisation and TF's bicubic, test_byol.py's 5-epoch encoder on 5,000 / 500 / 1,000 of
+  those images: random init 41.9%, BYOL 50.4%)
 """
 import bisect
 import copy
@@ -348,7 +351,8 @@ def voc2007(root, download, seed):
         ds = torchvision_dataset(torchvision.datasets.VOCDetection, root, download, year='2007',
                                  image_set=image_set)
         targets = torch.stack([voc_targets(a) for a in ds.annotations])
-        # Crops needs one integer label per image: the first present class (unused by the metric).
+        # A source needs one integer label per image: the first present class (unused by the
+        # metric).
         labels = (targets == 1).long().argmax(dim=1).tolist()
         splits.append(Split(FileImages(ds.images, labels, VOC_CLASSES), targets))
     return tuple(splits)
