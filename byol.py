@@ -607,8 +607,8 @@ def train(args):
                 tau = target_tau(step, total_steps, args.tau)
                 byol.update_target(tau)                  # target: xi <- tau xi + (1 - tau) theta
                 step += 1
-                window += torch.cat([monitor, monitor.new_ones(1)])
-                epoch_sums += torch.cat([monitor, monitor.new_ones(1)])
+                window += (counted := torch.cat([monitor, monitor.new_ones(1)]))  # and steps
+                epoch_sums += counted
 
                 log_now = step % args.log_every == 0 or step % steps_per_epoch == 0
                 if not (log_now or step % SYNC_EVERY == 0 or step == args.stop_at_step):
