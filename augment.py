@@ -147,10 +147,11 @@ def crop_box(u, height, width, view=T):
 def center_crop_boxes(heights, widths, n, fraction=0.875):
     """Evaluation crops: the centred square of side fraction x min(H, W) (SPEC.md section 3, 'Eval
     crop'; resized to 224 this is the usual resize 256 + centre crop 224) for n images of the
-    given heights and widths (n,) (or one shared size) -> (n, 4) int64 rows (top, left, h, w)."""
+    given heights and widths (n,) (or one shared size) -> (n, 4) int64 rows (top, left, h, w).
+    As the official code: the side truncated (in float32), the offsets (H - side + 1) // 2."""
     height, width = (torch.as_tensor(s).expand(n) for s in (heights, widths))
-    side = (fraction * torch.minimum(height, width)).round().clamp_min(1).long()
-    return torch.stack([(height - side) // 2, (width - side) // 2, side, side], dim=1)
+    side = (fraction * torch.minimum(height, width).float()).long().clamp_min(1)
+    return torch.stack([(height - side + 1) // 2, (width - side + 1) // 2, side, side], dim=1)
 
 
 def resized_crop(image, box, size):

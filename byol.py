@@ -472,11 +472,10 @@ def settings_file(path):
     return Path(path).with_suffix('.json')
 
 
-def export_encoder(byol, config, out):
-    """encoder.pth (a plain torchvision state dict, fc removed) and encoder.json beside it."""
-    settings = {k: config[k] for k in ENCODER_SETTINGS}
+def export_encoder(encoder, settings, out):
+    """out/encoder.pth (a plain torchvision state dict, fc removed), encoder.json beside it."""
     save_atomic((json.dumps(settings) + '\n').encode(), settings_file(out / 'encoder.pth'))
-    save_atomic(byol.online.encoder.state_dict(), out / 'encoder.pth')
+    save_atomic(encoder.state_dict(), out / 'encoder.pth')
 
 
 def check_output_dir(path):
@@ -659,7 +658,7 @@ def train(args):
                     f'checkpoint saved in {out}; run the same command again to resume')
                 return
     if is_main():
-        export_encoder(byol, config, out)
+        export_encoder(byol.online.encoder, {k: config[k] for k in ENCODER_SETTINGS}, out)
         log(f'done: {out / "checkpoint.pth"}; encoder exported to {out / "encoder.pth"} (its '
             f'settings in {settings_file(out / "encoder.pth")})')
 

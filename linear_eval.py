@@ -13,20 +13,30 @@ on the same frozen features, so the grid costs one pass over the data per epoch.
 classifiers train on the cached features (many epochs in seconds); a weighted kNN accuracy (k=20,
 cosine) is reported as well.
 
+Every evaluation script reads its encoder here: a byol.py checkpoint.pth, an exported
+encoder.pth (with its encoder.json), or one of DeepMind's released checkpoints (.pkl, read by a
+restricted unpickler, with TF's SAME padding); --checkpoint-classifier evaluates a checkpoint's
+own online classifier without training one.
+
 Commands
     python linear_eval.py --data /work/shared/data/cifar10 --pretrained runs/byol/checkpoint.pth
     python linear_eval.py --data /imagenet --pretrained runs/r50/encoder.pth     # paper protocol
     torchrun --nproc_per_node=8 linear_eval.py --data /imagenet --pretrained runs/r50/encoder.pth
+    python linear_eval.py --data /imagenet --pretrained pretrain_res50x1.pkl --checkpoint-classifier
+    python linear_eval.py --pretrained pretrain_res50x1.pkl --export-encoder runs/official_r50
   Without --pretrained the randomly initialised encoder is evaluated (a baseline).
 
 Measured: see README.md (CIFAR-10 folder, convnet, CPU: random init vs BYOL).
 """
 import argparse
+import functools
 import json
 import math
+import pickle
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -45,10 +55,10 @@ IMAGENET_HOLDOUT = 10009              # paper appendix C.1: the last 10,009 trai
 # ------------------------------------------------------------------------------------------------
 
 
-def add_data_arguments(p):
+def add_data_arguments(p, required=True):
     """--data, --data-root, --download: as byol.py's."""
-    p.add_argument('--data', required=True, help='as byol.py: an image folder with train/ and '
-                   'val/, or one of ' + ', '.join(augment.NAMED_DATASETS))
+    p.add_argument('--data', required=required, help='as byol.py: an image folder with train/ '
+                   'and val/, or one of ' + ', '.join(augment.NAMED_DATASETS))
     p.add_argument('--data-root', default='data', help='where named datasets live (default: '
                    './data)')
     p.add_argument('--download', action='store_true', help='download a missing named dataset')
@@ -78,8 +88,13 @@ def get_parser():
     p = byol.ArgumentParser(prog='linear_eval.py', description='Linear evaluation of a frozen '
                             'encoder (BYOL paper, appendix C.1).')
     a = p.add_argument
-    add_data_arguments(p)
+    add_data_arguments(p, required=False)  # (not for --export-encoder)
     add_encoder_arguments(p)
+    a('--checkpoint-classifier', action='store_true', help='evaluate the checkpoint\'s own '
+      'online classifier (the official code\'s monitor: a released .pkl, or a byol.py '
+      'checkpoint.pth of labelled data) on the validation split, instead of training one')
+    a('--export-encoder', metavar='DIR', help='save --pretrained\'s encoder as DIR/encoder.pth '
+      'and encoder.json (e.g. a released .pkl, for the other scripts and torchvision), and stop')
     a('--batch-size', type=byol.positive_int, default=1024, help='global batch (paper: 1024)')
     a('--epochs', type=byol.positive_int, default=80, help='paper: 80')
     a('--lr', type=byol.nonnegative_float, nargs='+', default=LR_GRID,
@@ -142,27 +157,33 @@ def encoder_state(checkpoint, path):
     side = byol.settings_file(path)
     if side.is_file():
         settings = json.loads(side.read_text())
-        return checkpoint, {k: settings[k] for k in byol.ENCODER_SETTINGS}
+        return checkpoint, {**{k: settings[k] for k in byol.ENCODER_SETTINGS},
+                            'padding': settings.get('padding', 'torch')}
     arch, width, small_images = describe_encoder(checkpoint)
     return checkpoint, dict(arch=arch, width=width, small_images=small_images, image_size=None)
 
 
 def load_encoder(path):
-    """(encoder, feature_dim, settings) from a byol.py checkpoint or an exported encoder.pth;
-    settings: {arch, width, small_images, image_size} (image_size None if unknown). One-line
-    UserError if the file is missing or is neither."""
+    """(encoder, feature_dim, settings) from a byol.py checkpoint, an exported encoder.pth or a
+    released DeepMind checkpoint (.pkl, read_released); settings: {arch, width, small_images,
+    image_size, padding} (image_size None if unknown; padding 'tf_same' for converted official
+    weights). One-line UserError if the file is missing or is none of these."""
+    if Path(path).suffix == '.pkl':
+        return read_released(path)[:3]
     checkpoint = byol.load_file(path)
     try:
         state, settings = encoder_state(checkpoint, path)
     except (KeyError, AttributeError, IndexError, ValueError) as e:
         raise UserError(f'{path} is not a byol.py checkpoint or encoder.pth ({e})') from None
     encoder, feature_dim = byol.build_encoder(settings['arch'], settings['small_images'],
-                                         settings['width'])
+                                              settings['width'])
     try:
         encoder.load_state_dict(state)
     except RuntimeError as e:
         raise UserError(f'{path}: its weights do not fit a {settings["arch"]} encoder '
                         f'({str(e).splitlines()[1].strip()[:150]})') from None
+    if settings.setdefault('padding', 'torch') == 'tf_same':
+        tf_same_padding(encoder)
     return encoder, feature_dim, settings
 
 
@@ -191,6 +212,210 @@ def frozen_encoder(args, images, device):
             f'{size} px')
     encoder.requires_grad_(False)
     return encoder.to(device).eval(), feature_dim, size
+
+
+# ------------------------------------------------------------------------------------------------
+# The released checkpoints: DeepMind's own BYOL weights (.pkl), read without JAX, Haiku or dill
+# ------------------------------------------------------------------------------------------------
+# The files (official README; SPEC.md section 10) are dill pickles (protocol 2) of
+# {experiment_state: _ByolExperimentState(online_params, target_params, online_state,
+# target_state, opt_state), step, rng}; params and state are Haiku mappings keyed by module
+# paths such as 'res_net50/~/block_group_0/~/block_0/~/conv_0', of numpy arrays: convolutions
+# 'w' (H, W, I, O), batch norms 'scale' and 'offset' (1, 1, 1, C), their moving averages
+# '.../~/mean_ema' and '.../~/var_ema' with 'average' in the state, and the online classifier
+# 'classifier' ('w' (D, C), 'b'). The official README's top-1 of that classifier on ImageNet:
+RELEASED_TOP1 = {('resnet50', 1): 74.4, ('resnet200', 2): 79.6}
+FIELDS = ('online_params', 'target_params', 'online_state', 'target_state', 'opt_state')
+
+
+class Inert:
+    """Stands in for a class the file names but this reader does not know (a Haiku mapping, the
+    experiment's NamedTuple, an optimizer state): it records what it was built from; it runs
+    nothing."""
+
+    def __new__(cls, *args):  # (pickle's NEWOBJ calls __new__ alone, its REDUCE the class)
+        obj = super().__new__(cls)
+        obj.args, obj.state = args, None
+        return obj
+
+    def __init__(self, *args):
+        pass
+
+    def __setstate__(self, state):
+        self.state = state
+
+
+@functools.cache
+def safe_globals():
+    """The only callables a released file may invoke: numpy's array and scalar reconstruction,
+    protocol 2's byte decoding, and plain containers."""
+    import _codecs
+    import builtins
+    import collections
+    core = getattr(np, '_core', None) or np.core
+    allowed = {('_codecs', 'encode'): _codecs.encode,
+               ('collections', 'OrderedDict'): collections.OrderedDict,
+               ('numpy', 'ndarray'): np.ndarray, ('numpy', 'dtype'): np.dtype,
+               ('numpy', 'array'): np.array, ('numpy', 'asarray'): np.asarray}
+    for module in ('numpy.core.multiarray', 'numpy._core.multiarray'):
+        allowed[module, '_reconstruct'] = core.multiarray._reconstruct
+        allowed[module, 'scalar'] = core.multiarray.scalar
+    for name in ('dict', 'list', 'tuple', 'set', 'frozenset', 'int', 'float', 'bool', 'str',
+                 'bytes', 'bytearray', 'complex', 'slice'):
+        allowed['builtins', name] = allowed['__builtin__', name] = getattr(builtins, name)
+    return allowed
+
+
+# Modules for system access or code execution: no checkpoint has a reason to name them, and a
+# file that does is refused (everything else unknown stays an inert stand-in, never called).
+FORBIDDEN_MODULES = ('builtins', '__builtin__', 'os', 'posix', 'nt', 'sys', 'subprocess',
+                     'shutil', 'socket', 'pty', 'importlib', 'runpy', 'code', 'codeop',
+                     'ctypes', 'marshal', 'pickle', 'webbrowser', 'multiprocessing', 'signal',
+                     'pdb', 'types', 'io', 'tempfile', 'pathlib')
+
+
+class ReleasedUnpickler(pickle.Unpickler):
+    """A restricted unpickler: numpy arrays and plain containers are rebuilt; a class (or any
+    other callable) it does not know becomes an Inert stand-in, which runs nothing; a name from a
+    module for system access or code execution is refused."""
+
+    def find_class(self, module, name):
+        if (module, name) in safe_globals():
+            return safe_globals()[module, name]
+        if module.split('.')[0] in FORBIDDEN_MODULES:
+            raise UserError(f'it names {module}.{name}, which could run code: not loaded; is it '
+                            'a file from the official BYOL release?')
+        return type(name, (Inert,), {'__module__': module})
+
+
+def plain(obj):
+    """The stand-ins replaced by plain containers: a mapping for a Haiku mapping (its storage,
+    given as an argument or as its state), a tuple of the fields for anything else."""
+    if isinstance(obj, Inert):
+        state = obj.state
+        if isinstance(state, tuple) and len(state) == 2 and state[0] is None:
+            state = state[1]                                  # (None, slots)
+        mappings = [v for v in state.values() if isinstance(v, dict)] \
+            if isinstance(state, dict) else []
+        if len(obj.args) == 1 and isinstance(obj.args[0], dict):
+            return plain(obj.args[0])
+        if len(mappings) == 1:
+            return plain(mappings[0])
+        return tuple(plain(a) for a in obj.args) if obj.args else plain(state)
+    if isinstance(obj, dict):
+        return {k: plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [plain(v) for v in obj] if isinstance(obj, list) else tuple(map(plain, obj))
+    return obj
+
+
+def read_released(path):
+    """A released BYOL checkpoint -> (encoder with TF's SAME padding, feature_dim, settings,
+    the online classifier as nn.Linear), the online network's weights and BN statistics."""
+    if not Path(path).is_file():
+        raise UserError(f'checkpoint {path} does not exist')
+    try:
+        with open(path, 'rb') as f:
+            checkpoint = plain(ReleasedUnpickler(f).load())
+        params, state = (checkpoint['experiment_state'][FIELDS.index(k)]
+                         for k in ('online_params', 'online_state'))
+    except UserError as e:
+        raise UserError(f'{path}: {e}') from None
+    except Exception as e:  # truncated, not a pickle, another layout
+        raise UserError(f'cannot read {path} as a released BYOL checkpoint '
+                        f'({type(e).__name__}: {str(e)[:100]}); download it again?') from None
+    scope = next((k.split('/')[0] for k in params if k.endswith('initial_conv')), None)
+    arch = {'res_net50': 'resnet50', 'res_net200': 'resnet200'}.get(scope)
+    if arch is None:
+        raise UserError(f'{path} holds no ResNet-50 or ResNet-200 encoder (modules: '
+                        f'{", ".join(sorted({k.split("/")[0] for k in params})[:5])})')
+    weights = params[f'{scope}/~/initial_conv']['w']                  # (7, 7, 3, 64 width)
+    settings = dict(arch=arch, width=weights.shape[-1] // 64, small_images=False, image_size=224,
+                    padding='tf_same')
+    encoder, feature_dim = byol.build_encoder(arch, False, settings['width'])
+    encoder.load_state_dict(released_state_dict(params, state, scope, encoder))
+    classifier = None
+    if 'classifier' in params:
+        w = torch.from_numpy(np.asarray(params['classifier']['w'], np.float32))  # (D, C)
+        classifier = nn.Linear(*w.shape)
+        classifier.weight.data, classifier.bias.data = w.T.contiguous(), torch.from_numpy(
+            np.asarray(params['classifier']['b'], np.float32))
+    return tf_same_padding(encoder), feature_dim, settings, classifier
+
+
+def released_state_dict(params, state, scope, encoder):
+    """Haiku's online parameters and BN averages as the torchvision ResNet's state dict: HWIO ->
+    OIHW convolutions, (1, 1, 1, C) -> (C,) scales, offsets and statistics."""
+    def array(x):
+        return torch.from_numpy(np.asarray(x, dtype=np.float32))
+
+    def module(name):  # some converters' files name the stem 'initial_conv_1'
+        key = f'{scope}/~/{name}'
+        return key if key in params else f'{key}_1'
+
+    out = {}
+
+    def conv(name, key):
+        out[f'{key}.weight'] = array(params[module(name)]['w']).permute(3, 2, 0, 1)
+
+    def bn(name, key):
+        path = module(name)
+        out[f'{key}.weight'] = array(params[path]['scale']).reshape(-1)
+        out[f'{key}.bias'] = array(params[path]['offset']).reshape(-1)
+        out[f'{key}.running_mean'] = array(state[f'{path}/~/mean_ema']['average']).reshape(-1)
+        out[f'{key}.running_var'] = array(state[f'{path}/~/var_ema']['average']).reshape(-1)
+        out[f'{key}.num_batches_tracked'] = torch.tensor(0)
+
+    conv('initial_conv', 'conv1')
+    bn('initial_batchnorm', 'bn1')
+    for g, layer in enumerate((encoder.layer1, encoder.layer2, encoder.layer3, encoder.layer4)):
+        for b in range(len(layer)):
+            block, key = f'block_group_{g}/~/block_{b}/~/', f'layer{g + 1}.{b}'
+            for i in range(3):
+                conv(f'{block}conv_{i}', f'{key}.conv{i + 1}')
+                bn(f'{block}batchnorm_{i}', f'{key}.bn{i + 1}')
+            if b == 0:
+                conv(f'{block}shortcut_conv', f'{key}.downsample.0')
+                bn(f'{block}shortcut_batchnorm', f'{key}.downsample.1')
+    return out
+
+
+def same_padding(size, kernel, stride):
+    """TF's SAME padding of one side: (before, after), the extra one after (stride 2 on an even
+    side: (0, 1) for a 3x3 kernel, (2, 3) for the 7x7 stem; PyTorch pads both sides equally)."""
+    total = max((-(-size // stride) - 1) * stride + kernel - size, 0)
+    return total // 2, total - total // 2
+
+
+class SameConv2d(nn.Conv2d):
+    """A convolution padded as TF's SAME (the official weights were trained so)."""
+
+    def forward(self, x):
+        (top, bottom), (left, right) = (same_padding(s, k, st) for s, k, st in
+                                        zip(x.shape[-2:], self.kernel_size, self.stride))
+        return self._conv_forward(F.pad(x, (left, right, top, bottom)), self.weight, self.bias)
+
+
+class SameMaxPool2d(nn.MaxPool2d):
+    """A max-pool padded as TF's SAME (with -inf)."""
+
+    def forward(self, x):
+        (top, bottom), (left, right) = (same_padding(s, self.kernel_size, self.stride)
+                                        for s in x.shape[-2:])
+        return F.max_pool2d(F.pad(x, (left, right, top, bottom), value=-math.inf),
+                            self.kernel_size, self.stride)
+
+
+def tf_same_padding(encoder):
+    """The stride-2 convolutions and the max-pool of a torchvision ResNet padded as TF's SAME, in
+    place; the state dict keeps its keys (torchvision still loads it; it then pads symmetrically,
+    which costs the official weights about 4 points of top-1: README)."""
+    for m in encoder.modules():
+        if isinstance(m, nn.Conv2d) and m.stride != (1, 1):
+            m.__class__, m.padding = SameConv2d, (0, 0)
+        elif isinstance(m, nn.MaxPool2d):
+            m.__class__, m.padding = SameMaxPool2d, 0
+    return encoder
 
 
 # ------------------------------------------------------------------------------------------------
@@ -388,13 +613,71 @@ def main(argv=None):
     return byol.run_cli('linear_eval.py', run, get_parser(), argv)
 
 
+def export(args):
+    """--export-encoder: --pretrained's encoder in this project's format (DIR/encoder.pth, a plain
+    torchvision state dict, and its settings in DIR/encoder.json)."""
+    if not args.pretrained:
+        raise UserError('--export-encoder needs --pretrained (the file to convert)')
+    out = Path(args.export_encoder)
+    byol.check_output_dir(out)
+    encoder, _, settings = load_encoder(args.pretrained)
+    if byol.is_main():
+        out.mkdir(parents=True, exist_ok=True)
+        byol.export_encoder(encoder, settings, out)
+    log(f'{args.pretrained}: {settings["arch"]} encoder saved as {out / "encoder.pth"} '
+        f'({json.dumps(settings)})')
+    return settings
+
+
+def evaluate_checkpoint_classifier(args, images, world, device, amp, workers):
+    """The checkpoint's own online classifier on the validation images, no training: for the
+    released ResNet-50 this checks the evaluation pipeline (centre crop 0.875, bicubic resize to
+    224, TF's padding) against the official 74.4% in one pass."""
+    if not args.pretrained:
+        raise UserError('--checkpoint-classifier needs --pretrained')
+    if Path(args.pretrained).suffix == '.pkl':
+        encoder, _, settings, classifier = read_released(args.pretrained)
+    else:
+        encoder, _, settings = load_encoder(args.pretrained)
+        online = byol.load_file(args.pretrained).get('online', {})
+        classifier = None
+        if 'classifier.weight' in online:
+            classifier = nn.Linear(*online['classifier.weight'].shape[::-1])
+            classifier.load_state_dict({k[len('classifier.'):]: v for k, v in online.items()
+                                        if k.startswith('classifier.')})
+    if classifier is None:
+        raise UserError(f'{args.pretrained} holds no online classifier (byol.py trains one on '
+                        'labelled data, in checkpoint.pth; encoder.pth has none)')
+    if classifier.out_features != len(images.classes):
+        raise UserError(f'the classifier of {args.pretrained} has {classifier.out_features} '
+                        f'classes, the validation split {len(images.classes)}')
+    size = args.image_size or settings['image_size'] or augment.default_image_size(images)
+    model = nn.Sequential(encoder, classifier).to(device)
+    logits, labels = features(model, images, size, args.batch_size // world, workers, device, amp)
+    top1, top5 = topk_accuracy(logits, labels)
+    official = RELEASED_TOP1.get((settings['arch'], settings['width'])) \
+        if Path(args.pretrained).suffix == '.pkl' else None
+    log(f'the checkpoint\'s own classifier at {size} px: val top-1 {top1:.2f}%, top-5 '
+        f'{top5:.2f}%' + (f' (official code, the same weights: {official}%)' if official else ''))
+    results = dict(data=args.data, pretrained=args.pretrained, checkpoint_classifier=True,
+                   image_size=size, top1=top1, top5=top5, official_top1=official)
+    append_result(args.output_dir, results)
+    return results
+
+
 def run(args):
     world, device, amp, workers = start(args)
     started = time.time()
-    train_images = augment.load_images(args.data, args.data_root, args.download, 'train')
-    val_images = augment.load_images(args.data, args.data_root, args.download, 'val')
+    if args.export_encoder:
+        return export(args)
+    if not args.data:
+        raise UserError('--data is required (see linear_eval.py --help)')
     if args.batch_size % world:
         raise UserError(f'--batch-size {args.batch_size} does not divide over {world} processes')
+    val_images = augment.load_images(args.data, args.data_root, args.download, 'val')
+    if args.checkpoint_classifier:
+        return evaluate_checkpoint_classifier(args, val_images, world, device, amp, workers)
+    train_images = augment.load_images(args.data, args.data_root, args.download, 'train')
     torch.manual_seed(args.seed)
     encoder, feature_dim, size = frozen_encoder(args, train_images, device)
     before = {k: v.clone() for k, v in encoder.state_dict().items()}

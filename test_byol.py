@@ -10,6 +10,7 @@ slow tests that pretrain on real data (marked slow).
 Numbers are checked against values computed by hand in the test, never against recorded outputs.
 """
 import colorsys
+import contextlib
 import copy
 import json
 import math
@@ -56,8 +57,8 @@ TINY_T = ['--arch', 'convnet', '--width', '4', '--workers', '0', '--image-size',
 # The slow tests' BYOL run on CIFAR-10: convnet of width 16, five epochs of batch 128 (1,950
 # steps; 4.5 CPU-minutes in bf16 with AMX, 7-8 in float32 without). One epoch already beats
 # random init in a linear probe, but fine-tuning from it does not beat fine-tuning from random
-# init; five do, by 3.6 points (four by 2.3: too close to the test's 1.5 for a test). Short CPU runs need a larger base lr than the 1000-epoch preset (the
-# official imagenette example uses 2.0).
+# init; five do, by 3.6 points (four by 2.3: too close to the test's 1.5 for a test). Short CPU
+# runs need a larger base lr than the 1000-epoch preset (the official imagenette example uses 2.0).
 CIFAR_BYOL = ['--arch', 'convnet', '--width', '16', '--batch-size', '128', '--epochs', '5',
               '--lr', '4.0', '--tau', '0.99', '--warmup-epochs', '0.1', '--hidden-dim', '512',
               '--projection-dim', '128', '--workers', '0', '--log-every', '30', '--seed', '0']
@@ -617,7 +618,8 @@ def test_exported_encoder_loads_into_torchvision(image_folder, tmp_path):
     from_export, dim, settings = linear_eval.load_encoder(out / 'encoder.pth')
     from_checkpoint, _, checkpoint_settings = linear_eval.load_encoder(out / 'checkpoint.pth')
     assert settings == checkpoint_settings == dict(arch='resnet18', width=1, small_images=False,
-                                                   image_size=20)  # the folder's 24x20 images
+                                                   image_size=20,  # the folder's 24x20 images
+                                                   padding='torch')
     resnet.fc = nn.Identity()
     outputs = [m.eval()(x) for m in (from_export, from_checkpoint, resnet)]
     assert dim == 512 and torch.equal(outputs[0], outputs[1]) and torch.equal(outputs[0],
@@ -1138,6 +1140,214 @@ def test_linear_eval_bad_inputs_give_one_line_errors(image_folder, tiny_checkpoi
     code, _, err = run_main(linear_eval, ['--data', tmp_path / 'nowhere', '--pretrained',
                                           tiny_checkpoint], capsys)
     assert_one_line_error(code, err, 'no such folder')
+
+# ------------------------------------------------------------------------------------------------
+# linear_eval.py: the released checkpoints (DeepMind's .pkl files), on files written here
+# ------------------------------------------------------------------------------------------------
+RESNET50_BLOCKS, RESNET50_CHANNELS = (3, 4, 6, 3), (256, 512, 1024, 2048)
+
+
+class frozendict:  # noqa: N801 (the official class's name)
+    """As Haiku's frozendict of 2020, which the released files hold: a mapping in __slots__."""
+    __slots__ = ('_storage', '_hash')
+
+    def __init__(self, storage):
+        self._storage, self._hash = dict(storage), None
+
+
+@contextlib.contextmanager
+def official_classes():
+    """The official code's classes under their module paths while the file is written, so that
+    pickle names them as the released files do; each is a stand-in of the same layout."""
+    from collections import namedtuple
+    from types import ModuleType
+    state = namedtuple('_ByolExperimentState', linear_eval.FIELDS)
+    lars = namedtuple('LarsState', ['momentum'])
+    saved = {}
+    for cls, module in ((state, 'byol.byol_experiment'), (lars, 'byol.utils.optimizers'),
+                        (frozendict, 'haiku._src.data_structures')):
+        cls.__module__, cls.__qualname__ = module, cls.__name__
+        for i in range(2 if module.startswith('byol.') else 1, module.count('.') + 2):
+            name = '.'.join(module.split('.')[:i])
+            saved.setdefault(name, sys.modules.get(name))
+            sys.modules[name] = sys.modules.get(name) or ModuleType(name)
+        setattr(sys.modules[module], cls.__name__, cls)
+    try:
+        yield state, lars
+    finally:
+        for name, module in saved.items():
+            if module is None:
+                del sys.modules[name]
+            else:
+                sys.modules[name] = module
+
+
+def released_arrays(n_classes, seed=0):
+    """Random online parameters and BN averages of the real ResNet-50 shapes, keyed as Haiku's."""
+    g = np.random.default_rng(seed)
+    params, state = {}, {}
+
+    def conv(name, k, cin, cout):
+        params[name] = {'w': (g.standard_normal((k, k, cin, cout)) / math.sqrt(k * k * cin))
+                        .astype(np.float32)}
+
+    def bn(name, c):
+        params[name] = {'scale': (1 + 0.2 * g.standard_normal((1, 1, 1, c))).astype(np.float32),
+                        'offset': (0.1 * g.standard_normal((1, 1, 1, c))).astype(np.float32)}
+        for ema, value in (('mean_ema', 0.1 * g.standard_normal((1, 1, 1, c))),
+                           ('var_ema', g.uniform(0.5, 2.0, (1, 1, 1, c)))):
+            state[f'{name}/~/{ema}'] = {'counter': np.int32(1000), 'hidden': value.astype(
+                np.float32), 'average': value.astype(np.float32)}
+    scope = 'res_net50/~/'
+    conv(scope + 'initial_conv', 7, 3, 64)
+    bn(scope + 'initial_batchnorm', 64)
+    cin = 64
+    for gi, (n, ch) in enumerate(zip(RESNET50_BLOCKS, RESNET50_CHANNELS)):
+        for b in range(n):
+            base = f'{scope}block_group_{gi}/~/block_{b}/~/'
+            for i, (k, a, c) in enumerate(((1, cin, ch // 4), (3, ch // 4, ch // 4),
+                                           (1, ch // 4, ch))):
+                conv(f'{base}conv_{i}', k, a, c)
+                bn(f'{base}batchnorm_{i}', c)
+            if b == 0:
+                conv(base + 'shortcut_conv', 1, cin, ch)
+                bn(base + 'shortcut_batchnorm', ch)
+            cin = ch
+    params['classifier'] = {'w': (0.02 * g.standard_normal((2048, n_classes))).astype(np.float32),
+                            'b': (0.1 * g.standard_normal(n_classes)).astype(np.float32)}
+    params['projector/~/linear'] = {'w': np.zeros((2048, 4), np.float32)}  # (not the encoder)
+    return params, state
+
+
+@pytest.fixture(scope='session')
+def released(tmp_path_factory):
+    """A file in the release's layout (SPEC.md section 10), pickled with protocol 2 as dill does
+    for these types: Haiku frozendicts, the experiment's NamedTuple of online and target
+    parameters and states and the optimizer state (which the reader must skip), step, rng;
+    random arrays of ResNet-50's real shapes and a 4-class classifier -> (path, params, state)."""
+    path = tmp_path_factory.mktemp('released') / 'pretrain_res50x1.pkl'
+    params, state = released_arrays(n_classes=4)
+
+    def nest(tree):
+        return frozendict({k: frozendict(v) for k, v in tree.items()})
+    small = nest({'res_net50/~/initial_conv': {'w': np.ones((1, 1, 1, 1), np.float32)}})
+    with official_classes() as (state_type, lars):
+        experiment = state_type(nest(params), small, nest(state), small, lars(momentum=small))
+        with open(path, 'wb') as f:
+            pickle.dump(dict(experiment_state=experiment, step=np.int64(312_500),
+                             rng=np.array([0, 42], np.uint32)), f, protocol=2)
+    return path, params, state
+
+
+def official_forward(params, state, x):
+    """The official ResNet-50 (Haiku's BlockV1, bottlenecks) computed directly from the arrays,
+    with TF's SAME padding worked out here: NCHW images -> (N, 2048) representations."""
+    def pads(size, k, stride):
+        total = max((math.ceil(size / stride) - 1) * stride + k - size, 0)
+        return total // 2, total - total // 2
+
+    def conv(x, name, stride):
+        w = torch.from_numpy(params['res_net50/~/' + name]['w']).permute(3, 2, 0, 1)
+        (top, bottom), (left, right) = (pads(s, w.shape[-1], stride) for s in x.shape[2:])
+        return F.conv2d(F.pad(x, (left, right, top, bottom)), w, stride=stride)
+
+    def bn(x, name):
+        p, path = params['res_net50/~/' + name], 'res_net50/~/' + name
+        mean, var, scale, offset = (torch.from_numpy(a).reshape(1, -1, 1, 1) for a in (
+            state[path + '/~/mean_ema']['average'], state[path + '/~/var_ema']['average'],
+            p['scale'], p['offset']))
+        return (x - mean) / torch.sqrt(var + 1e-5) * scale + offset
+
+    x = F.relu(bn(conv(x, 'initial_conv', 2), 'initial_batchnorm'))
+    (top, bottom), (left, right) = (pads(s, 3, 2) for s in x.shape[2:])
+    x = F.max_pool2d(F.pad(x, (left, right, top, bottom), value=-math.inf), 3, 2)
+    for g, n in enumerate(RESNET50_BLOCKS):
+        for b in range(n):
+            stride, base = (2 if g > 0 and b == 0 else 1), f'block_group_{g}/~/block_{b}/~/'
+            shortcut = bn(conv(x, base + 'shortcut_conv', stride), base + 'shortcut_batchnorm') \
+                if b == 0 else x
+            y = F.relu(bn(conv(x, base + 'conv_0', 1), base + 'batchnorm_0'))
+            y = F.relu(bn(conv(y, base + 'conv_1', stride), base + 'batchnorm_1'))
+            x = F.relu(bn(conv(y, base + 'conv_2', 1), base + 'batchnorm_2') + shortcut)
+    return x.mean(dim=(2, 3))
+
+
+def test_tf_same_padding_is_a_hand_computed_same_convolution():
+    conv = linear_eval.tf_same_padding(nn.Sequential(nn.Conv2d(1, 1, 3, 2, 1, bias=False)))[0]
+    nn.init.ones_(conv.weight)
+    x = torch.arange(1.0, 17.0).view(1, 1, 4, 4)
+    # SAME, stride 2 on 4 pixels: (0, 1) padding, windows over rows/columns 0-2 and 2-4 (4 is 0):
+    # 1+2+3+5+6+7+9+10+11 = 54, 3+4+7+8+11+12 = 45, 9+10+11+13+14+15 = 72, 11+12+15+16 = 54
+    assert conv(x).view(-1).tolist() == [54.0, 45.0, 72.0, 54.0]
+    # PyTorch's symmetric (1, 1): 1+2+5+6 = 14 in the first window
+    assert F.conv2d(x, conv.weight, stride=2, padding=1).view(-1)[0].item() == 14.0
+    assert linear_eval.same_padding(224, 7, 2) == (2, 3) and linear_eval.same_padding(7, 3, 1) \
+        == (1, 1) and linear_eval.same_padding(112, 1, 2) == (0, 0)
+
+
+def test_a_released_checkpoint_is_read_into_the_official_network(released, tmp_path):
+    path, params, state = released  # (read with none of the official classes importable)
+    encoder, dim, settings, classifier = linear_eval.read_released(path)
+    assert dim == 2048 and settings == dict(arch='resnet50', width=1, small_images=False,
+                                            image_size=224, padding='tf_same')
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = official_forward(params, state, x)
+        ours = encoder.eval()(x)
+        plain_torchvision = torchvision.models.resnet50()
+        plain_torchvision.fc = nn.Identity()
+        plain_torchvision.load_state_dict(encoder.state_dict())  # the keys are torchvision's
+        symmetric = plain_torchvision.eval()(x)
+    assert (ours - expected).norm() / expected.norm() < 1e-4
+    assert (symmetric - expected).norm() / expected.norm() > 0.05  # the padding matters
+    logits = classifier(ours)
+    assert torch.allclose(logits, ours @ torch.from_numpy(params['classifier']['w']) +
+                          torch.from_numpy(params['classifier']['b']), atol=1e-5)
+    # saved in this project's format: torchvision loads it, load_encoder restores the padding
+    out = tmp_path / 'converted'
+    assert linear_eval.main(['--pretrained', str(path), '--export-encoder', str(out),
+                             '--output-dir', str(tmp_path)])['padding'] == 'tf_same'
+    missing = torchvision.models.resnet50().load_state_dict(
+        torch.load(out / 'encoder.pth', weights_only=True), strict=False).missing_keys
+    assert sorted(missing) == ['fc.bias', 'fc.weight']
+    converted, _, converted_settings = linear_eval.load_encoder(out / 'encoder.pth')
+    with torch.no_grad():
+        assert torch.equal(converted.eval()(x), ours) and converted_settings == settings
+
+
+def test_the_released_classifier_is_evaluated_as_it_is(released, tmp_path, image_folder):
+    path, params, state = released
+    results = linear_eval.main(list(map(str, [
+        '--data', image_folder, '--pretrained', path, '--checkpoint-classifier', '--workers', '0',
+        '--batch-size', '8', '--image-size', '32', '--output-dir', tmp_path])))
+    val = augment.load_images(str(image_folder), split='val')
+    loader, _ = augment.batches(val, 32, 16, 'eval')
+    loader.set_epoch(0)
+    (x,), labels, _ = next(iter(loader))  # the 16 centre crops, as the evaluation makes them
+    with torch.no_grad():
+        logits = official_forward(params, state, x) @ torch.from_numpy(
+            params['classifier']['w']) + torch.from_numpy(params['classifier']['b'])
+    top1, top5 = linear_eval.topk_accuracy(logits, labels)
+    assert results['top1'] == pytest.approx(top1) and results['top5'] == pytest.approx(top5)
+    assert results['official_top1'] == 74.4
+
+
+def test_unsafe_or_broken_released_files_give_one_line_errors(released, tmp_path, capsys,
+                                                             image_folder):
+    class Shell:
+        def __reduce__(self):
+            return os.system, ('echo should-not-run',)
+    (tmp_path / 'evil.pkl').write_bytes(pickle.dumps(dict(experiment_state=Shell()), protocol=2))
+    (tmp_path / 'truncated.pkl').write_bytes(released[0].read_bytes()[:100_000])
+    common = ['--data', image_folder, '--workers', '0', '--output-dir', tmp_path]
+    code, out, err = run_main(linear_eval, common + ['--pretrained', tmp_path / 'evil.pkl'],
+                              capsys)
+    assert_one_line_error(code, err, 'system, which could run code: not loaded')
+    assert 'should-not-run' not in out
+    code, _, err = run_main(linear_eval, common + ['--pretrained', tmp_path / 'truncated.pkl'],
+                            capsys)
+    assert_one_line_error(code, err, 'cannot read', 'truncated.pkl', 'download it again')
+
 
 # ------------------------------------------------------------------------------------------------
 # semi_sup.py: labelled subsets
