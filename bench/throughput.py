@@ -154,6 +154,41 @@ def pipeline_rates(args, device):
     return rates
 
 
+def decode_and_crop(args, rounds=5):
+    """What one loader worker does per image (one core): decode, then the two random resized
+    crops, timed apart over the first 64 images of --pipeline; and, side by side in the same
+    rounds, the two crops by dense resampling matrices (the former method) for the ratio.
+    -> dict of ms per image (medians over rounds)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in a loader worker
+    images = augment.load_images(args.pipeline)
+    n = min(64, len(images))
+    files = images.read(range(n))
+    u = augment.uniforms(0, 0, torch.arange(n))
+    times = {'decode': [], 'crops': [], 'crops by dense matrices': []}
+    for _ in range(rounds):
+        start = time.perf_counter()
+        decoded = [augment.decode(f) for f in files]
+        times['decode'].append(time.perf_counter() - start)
+        heights, widths = torch.tensor([image.shape[-2:] for image in decoded]).T
+        boxes = torch.stack([augment.crop_boxes(u[:, v], heights, widths) for v in range(2)], 1)
+        start = time.perf_counter()
+        augment.crops_of(decoded, boxes, args.image_size)
+        times['crops'].append(time.perf_counter() - start)
+        start = time.perf_counter()
+        for image, pair in zip(decoded, boxes):
+            for top, left, h, w in pair.tolist():
+                one = torch.tensor([0])
+                rows = augment._bicubic_matrix(one + top, torch.tensor([h]), image.shape[1],
+                                               args.image_size)[0]
+                cols = augment._bicubic_matrix(one + left, torch.tensor([w]), image.shape[2],
+                                               args.image_size)[0]
+                (rows @ image.float() @ cols.T).round_().clamp_(0, 255).byte()
+        times['crops by dense matrices'].append(time.perf_counter() - start)
+    torch.set_num_threads(threads)
+    return {k: 1000 * statistics.median(v) / n for k, v in times.items()}
+
+
 def delivered(loader, device, n):
     iterator = iter(loader)
     next(iterator)  # warm-up: workers start, first batch
@@ -237,6 +272,11 @@ def main():
         results['bf16_matmul_tflops'] = peak / 1e12
         print(f'  measured bf16 matmul rate: {peak / 1e12:.0f} TFLOP/s')
     if args.pipeline:
+        ms = results['decode_and_crop_ms'] = decode_and_crop(args)
+        print(f'  decode and crop: {1000 / (ms["decode"] + ms["crops"]):.0f} img/s per worker '
+              f'({ms["decode"]:.2f} ms decode + {ms["crops"]:.2f} ms two crops per image; '
+              f'the crops by dense matrices: {ms["crops by dense matrices"]:.2f} ms, '
+              f'{ms["crops by dense matrices"] / ms["crops"]:.1f}x)', flush=True)
         results['pipeline'] = pipeline_rates(args, device)
         for name, rate in results['pipeline'].items():
             print(f'  pipeline: {name:60s} {rate:9.1f} img/s')
