@@ -127,8 +127,9 @@ def crop_boxes(u, heights, widths, view=T):
     w = round(sqrt(A r)), h = round(sqrt(A / r)), clamped to the image, uniform offset.
     Computed in float64, so the loader (one image at a time) and the device (whole batch) agree."""
     u = u.double()
-    height = torch.as_tensor(heights, dtype=torch.float64, device=u.device)
-    width = torch.as_tensor(widths, dtype=torch.float64, device=u.device)
+    height, width = (torch.full((), s, dtype=torch.float64, device=u.device) if isinstance(s, int)
+                     else torch.as_tensor(s, dtype=torch.float64, device=u.device)
+                     for s in (heights, widths))  # (a size shared by all: no host copy)
     area = _between(u[:, SLOT['crop_area']], view['crop_area']) * height * width
     ratio = torch.exp(_between(u[:, SLOT['crop_ratio']],
                                [math.log(r) for r in view['crop_ratio']]))
@@ -243,6 +244,14 @@ def _per_image(values):
     return values.view(-1, 1, 1, 1)
 
 
+@functools.lru_cache(maxsize=None)
+def constant(values, device, dtype=torch.float32):
+    """A tuple of numbers as a (1, n, 1, 1) tensor on the device, made once per device and
+    dtype: a fresh torch.tensor(..., device='cuda') is a blocking copy that waits for all
+    queued GPU work, 14 of them a step."""
+    return torch.tensor(values, dtype=dtype).view(1, -1, 1, 1).to(device)
+
+
 def adjust_brightness(x, delta):
     """Additive brightness: x + delta (TF's adjust_brightness)."""
     return (x + _per_image(delta)).clamp(0, 1)
@@ -270,7 +279,7 @@ def rgb_to_hsv(x):
 def hsv_to_rgb(hue, saturation, value):
     """Inverse of rgb_to_hsv: channel_n = v - v s clamp(min(k, 4 - k), 0, 1), k = (n + 6h) mod 6,
     with n = 5, 3, 1 for R, G, B."""
-    n = torch.tensor([5.0, 3.0, 1.0], device=hue.device).view(1, 3, 1, 1)
+    n = constant((5.0, 3.0, 1.0), hue.device, hue.dtype)
     k = torch.remainder(n + 6.0 * hue[:, None], 6.0)
     weight = torch.minimum(k, 4.0 - k).clamp(0, 1)
     return value[:, None] - (value * saturation)[:, None] * weight
@@ -307,8 +316,7 @@ def color_jitter(x, u, view):
 
 def grayscale(x):
     """0.2989 R + 0.5870 G + 0.1140 B, tiled to three channels."""
-    weights = torch.tensor(GRAY_WEIGHTS, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    return (x * weights).sum(dim=1, keepdim=True).expand_as(x)
+    return (x * constant(GRAY_WEIGHTS, x.device, x.dtype)).sum(dim=1, keepdim=True).expand_as(x)
 
 
 def blur_radius(size):
@@ -342,9 +350,7 @@ def solarize(x):
 
 
 def normalize(x):
-    mean = torch.tensor(MEAN, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    std = torch.tensor(STD, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    return (x - mean) / std
+    return (x - constant(MEAN, x.device, x.dtype)) / constant(STD, x.device, x.dtype)
 
 
 def flip(x, u, p=0.5):
@@ -591,10 +597,23 @@ STAGES = ('read', 'decode', 'crop', 'views')
 MODES = {'byol': 2, 'train': 1, 'eval': 1}  # mode -> views per image
 
 
+def available_cores():
+    """The CPU cores this process may run on: its affinity mask (taskset, SLURM's
+    --cpus-per-task), lowered by a container's CPU quota (cgroup v2 cpu.max), if any."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+    try:
+        quota, period = Path('/sys/fs/cgroup/cpu.max').read_text().split()
+        if quota != 'max':
+            cores = min(cores, max(1, int(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return cores or 1
+
+
 def default_workers():
-    """The CPU cores of this process less one (the training loop's), at most 10."""
-    per_process = (os.cpu_count() or 2) // int(os.environ.get('LOCAL_WORLD_SIZE', 1))
-    return max(0, min(10, per_process - 1))
+    """Loader workers per training process: the available cores shared among the processes of
+    this node (torchrun's LOCAL_WORLD_SIZE), less one for the training loop itself."""
+    return max(0, available_cores() // int(os.environ.get('LOCAL_WORLD_SIZE', 1)) - 1)
 
 
 class Pipeline(torch.utils.data.Dataset):
@@ -602,9 +621,10 @@ class Pipeline(torch.utils.data.Dataset):
     (epoch, index) and whose batches run the loader's stages (__getitems__)."""
 
     def __init__(self, images, size, mode, seed=0, device=torch.device('cpu'), on_device=None,
-                 center_fraction=0.875):
+                 center_fraction=0.875, dtype=torch.float32):
         self.images, self.size, self.mode, self.seed = images, size, mode, seed
-        self.device, self.center_fraction = device, center_fraction
+        self.device, self.center_fraction, self.dtype = device, center_fraction, dtype
+        self.decode_stream = None  # made on first use (GPUs)
         self.split = STAGES.index(on_device) if on_device else len(STAGES)
 
     def __len__(self):
@@ -638,8 +658,7 @@ class Pipeline(torch.utils.data.Dataset):
             return data
         if self.device.type == 'cuda' and self.split <= STAGES.index('decode'):
             try:  # nvJPEG, the whole batch at once
-                return torchvision.io.decode_jpeg(data, mode=torchvision.io.ImageReadMode.RGB,
-                                                  device=self.device)
+                return self.decode_on_gpu(data)
             except RuntimeError:  # PNG, CMYK, corrupt: one by one below
                 pass
         images = []
@@ -654,6 +673,22 @@ class Pipeline(torch.utils.data.Dataset):
             raise UserError(f'a batch of {len(images)} unreadable images, from '
                             f'{self.images.name(indices[0].item())}')
         return [image if image is not None else readable[0] for image in images]
+
+    def decode_on_gpu(self, data):
+        """torchvision's nvJPEG decode on a stream of its own: it writes its outputs from
+        another stream without waiting for the current one, so memory just freed there (still
+        read by queued kernels) must not be handed to it (pytorch/vision pull 9606). The
+        training stream then waits for the decode, and the images are marked as used there."""
+        if self.decode_stream is None:
+            self.decode_stream = torch.cuda.Stream(self.device)
+        current = torch.cuda.current_stream(self.device)
+        with torch.cuda.stream(self.decode_stream):
+            images = torchvision.io.decode_jpeg(data, mode=torchvision.io.ImageReadMode.RGB,
+                                                device=self.device)
+        current.wait_stream(self.decode_stream)
+        for image in images:
+            image.record_stream(current)
+        return images
 
     def crop(self, data, u, labels, indices):
         if torch.is_tensor(data):  # (b, 3, H, W), one size: every crop in batched products
@@ -673,9 +708,11 @@ class Pipeline(torch.utils.data.Dataset):
 
     def views(self, crops, u, labels, indices):
         if self.mode == 'byol':
-            return torch.stack([augment_batch(crops[:, 0], u[:, 0], T),
-                                augment_batch(crops[:, 1], u[:, 1], T_PRIME)])
-        return eval_batch(crops[:, 0], u[:, 0] if self.mode == 'train' else None)[None]
+            views = torch.stack([augment_batch(crops[:, 0], u[:, 0], T),
+                                 augment_batch(crops[:, 1], u[:, 1], T_PRIME)])
+        else:
+            views = eval_batch(crops[:, 0], u[:, 0] if self.mode == 'train' else None)[None]
+        return views.to(self.dtype)  # the cast autocast would make at the first layer
 
 
 class EpochSampler(torch.utils.data.DistributedSampler):
@@ -714,11 +751,33 @@ class Batches:
     def __init__(self, pipeline, batch_size, workers=0, shuffle=True):
         self.pipeline, self.batch_size = pipeline, batch_size
         self.sampler = EpochSampler(pipeline, shuffle, pipeline.seed)
+        workers, prefetch = self.shared_memory_budget(workers)
         self.loader = torch.utils.data.DataLoader(
             pipeline, batch_size=batch_size, sampler=self.sampler, num_workers=workers,
             collate_fn=_batch_as_is, pin_memory=pipeline.device.type == 'cuda',
-            drop_last=shuffle, persistent_workers=workers > 0,
-            prefetch_factor=4 if workers > 0 else None)
+            drop_last=shuffle, persistent_workers=workers > 0, prefetch_factor=prefetch)
+
+    def shared_memory_budget(self, workers, prefetch=2):
+        """-> (workers, prefetch_factor) whose batches in flight (workers x prefetch, passed
+        through /dev/shm) fill at most half of it: a container's small /dev/shm (Docker's
+        64 MB) otherwise kills the loader. uint8 crops (GPUs) take 4x less than float views."""
+        if workers == 0:
+            return 0, None
+        p = self.pipeline
+        views_made = p.split == len(STAGES)  # the loader also makes the (float) views
+        batch = self.batch_size * MODES[p.mode] * 3 * p.size ** 2 * (p.dtype.itemsize if views_made else 1)
+        try:
+            shm = os.statvfs('/dev/shm')
+            budget = shm.f_bavail * shm.f_frsize // 2
+        except OSError:
+            return workers, prefetch
+        fits = max(1, budget // batch)
+        if workers * prefetch <= fits:
+            return workers, prefetch
+        print(f'note: /dev/shm has {2 * budget / 2**20:.0f} MB free, room for {fits} batches in '
+              f'flight of {batch / 2**20:.0f} MB: {min(workers, fits)} workers, 1 batch each '
+              '(docker run --shm-size 16g gives more)', file=sys.stderr, flush=True)
+        return min(workers, fits), 1
 
     def set_epoch(self, epoch, skip_batches=0):
         self.sampler.set_epoch(epoch, skip_batches * self.batch_size)
@@ -731,7 +790,8 @@ class Batches:
 
 
 def batches(images, size, batch_size, mode, seed=0, device=torch.device('cpu'), workers=0,
-            in_memory=False, decode_on_device=False, center_fraction=0.875):
+            in_memory=False, decode_on_device=False, center_fraction=0.875,
+            dtype=torch.float32):
     """Batches of views of an image source -> (Batches, where its stages run, in words).
 
     Where the stages run: a dataset held in memory (in_memory: True, or None for where it fits,
@@ -754,6 +814,6 @@ def batches(images, size, batch_size, mode, seed=0, device=torch.device('cpu'), 
         on_device, where = 'views', 'decoded and cropped by the loader, augmented there'
     else:
         on_device, where = None, 'decoded, cropped and augmented by the loader'
-    pipeline = Pipeline(images, size, mode, seed, device, on_device, center_fraction)
+    pipeline = Pipeline(images, size, mode, seed, device, on_device, center_fraction, dtype)
     return Batches(pipeline, batch_size, workers, shuffle=mode != 'eval'), \
         f'{len(images)} images on {device.type}, {where}'

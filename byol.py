@@ -335,35 +335,37 @@ def all_reduce_sum(t):
 
 
 class SyncBatchNormFunction(torch.autograd.Function):
-    """y = gamma x_hat + beta, x_hat = (x - mean) invstd, with the global batch's statistics;
-    the backward all-reduces the sums of dy and dy x_hat, the input gradient's only global
-    terms (as nn.SyncBatchNorm's): dx = gamma invstd (dy - mean(dy) - x_hat mean(dy x_hat))."""
+    """y = gamma x_hat + beta, x_hat = (x - mean) / sqrt(var + eps), with the global batch's
+    statistics (one fused kernel, in x's dtype); the backward all-reduces the sums of dy and
+    dy x_hat, the input gradient's only global terms (as nn.SyncBatchNorm's):
+    dx = gamma invstd (dy - mean(dy) - x_hat mean(dy x_hat))."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, mean, invstd, count):
-        shape = (1, -1) + (1,) * (x.dim() - 2)
-        x_hat = (x - mean.view(shape)) * invstd.view(shape)
-        ctx.save_for_backward(x_hat, weight, invstd, count)
-        ctx.dtype = x.dtype
-        return x_hat * weight.view(shape) + bias.view(shape)
+    def forward(ctx, x, weight, bias, mean, var, eps, count):
+        ctx.save_for_backward(x, weight, mean, var, count)
+        ctx.eps = eps
+        return F.batch_norm(x, mean, var, weight, bias, False, 0.0, eps)
 
     @staticmethod
     def backward(ctx, dy):
-        x_hat, weight, invstd, count = ctx.saved_tensors
+        x, weight, mean, var, count = ctx.saved_tensors
         shape, dims = (1, -1) + (1,) * (dy.dim() - 2), [0, *range(2, dy.dim())]
+        invstd, dy = (var + ctx.eps).rsqrt(), dy.float()
+        x_hat = (x.float() - mean.view(shape)) * invstd.view(shape)
         local = torch.stack([dy.sum(dims), (dy * x_hat).sum(dims)])  # (2, C): d beta, d gamma
         mean_dy, mean_dy_x_hat = (all_reduce_sum(local.double()) / count).float()
         dx = (dy - mean_dy.view(shape) - x_hat * mean_dy_x_hat.view(shape)) * \
             (weight * invstd).view(shape)
-        return dx.to(ctx.dtype), local[1], local[0], None, None, None
+        return dx.to(x.dtype), local[1], local[0], None, None, None, None
 
 
 class AllReduceBatchNorm(nn.modules.batchnorm._BatchNorm):
-    """BatchNorm with the statistics of the global batch, for CPU (gloo) runs: torch's
-    nn.SyncBatchNorm is CUDA-only. One all-reduce in the forward, in float64, of each process's
-    count n, n mean and n (var + mean^2), from its own float32 var_mean: the global variance
-    is never E[x^2] - E[x]^2 of float32 sums, which cancels when |mean| >> std (at mean/std =
-    1000 that lost 10% of it, and gave NaN at 3000); one all-reduce in the backward."""
+    """BatchNorm with the statistics of the global batch, on CPUs (gloo) and GPUs (NCCL) alike,
+    with no host synchronisation (nn.SyncBatchNorm is CUDA-only and waits for the host at
+    every call, 218 times a ResNet-50 step). One all-reduce in the forward, in float64, of each
+    process's count n, n mean and n (var + mean^2), from its own float32 var_mean: the global
+    variance is never E[x^2] - E[x]^2 of float32 sums, which cancels when |mean| >> std (at
+    mean/std = 1000 that lost 10% of it); one all-reduce in the backward."""
 
     def _check_input_dim(self, x):
         if x.dim() < 2:
@@ -381,36 +383,38 @@ class AllReduceBatchNorm(nn.modules.batchnorm._BatchNorm):
             self.running_mean.lerp_(mean.float(), self.momentum)
             self.running_var.lerp_((var * n / (n - 1)).float(), self.momentum)
             self.num_batches_tracked += 1
-        return SyncBatchNormFunction.apply(x, self.weight, self.bias, mean.float(),
-                                           (var + self.eps).rsqrt().float(), n[0])
+        return SyncBatchNormFunction.apply(x, self.weight, self.bias, mean.float(), var.float(),
+                                           self.eps, n[0])
 
 
-def synchronize_batchnorm(module, device):
-    """BN statistics over the global batch (SPEC.md section 1): nn.SyncBatchNorm on GPUs,
-    AllReduceBatchNorm on CPU. Parameters and buffers are kept, so state dicts are unchanged."""
-    if device.type == 'cuda':
-        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+def synchronize_batchnorm(module):
+    """BN statistics over the global batch (SPEC.md section 1): every BN becomes an
+    AllReduceBatchNorm, parameters and buffers kept, so state dicts are unchanged."""
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
         synced = AllReduceBatchNorm(module.num_features, module.eps, module.momentum)
         synced.weight, synced.bias = module.weight, module.bias
         synced.load_state_dict(module.state_dict())
         return synced
     for name, child in module.named_children():
-        module.add_module(name, synchronize_batchnorm(child, device))
+        module.add_module(name, synchronize_batchnorm(child))
     return module
 
 
+AMP_DTYPES = {'bf16': torch.bfloat16, 'fp16': torch.float16, 'none': torch.float32}
+
+
 def autocast(device, amp):
-    dtype = {'bf16': torch.bfloat16, 'fp16': torch.float16}.get(amp)
-    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+    dtype = AMP_DTYPES.get(amp, torch.float32)
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
 
 def default_amp():
-    """The autocast precision that is faster on this hardware: bf16 on GPUs that support it and
-    on CPUs with AMX (measured 1.9x for a ResNet-18 step, bench/RESULTS.md), float32 elsewhere
+    """The autocast precision that is faster on this hardware: bf16 where it is native, on
+    GPUs from Ampere on (is_bf16_supported() is also true before, by slow emulation) and on
+    CPUs with AMX (measured 1.9x for a ResNet-18 step, bench/RESULTS.md), float32 elsewhere
     (bf16 ran at 0.73x of float32 with AVX-512 BF16 but no AMX, and 0.32x with neither)."""
     if torch.cuda.is_available():
-        return 'bf16' if torch.cuda.is_bf16_supported() else 'none'
+        return 'bf16' if torch.cuda.get_device_capability()[0] >= 8 else 'none'
     return 'bf16' if getattr(torch.cpu, '_is_amx_tile_supported', lambda: False)() else 'none'
 
 # ------------------------------------------------------------------------------------------------
@@ -450,6 +454,28 @@ def save_checkpoint(path, byol, optimizer, scaler, step, config):
                     path)
     if world_size() > 1:
         dist.barrier()
+
+
+def find_checkpoint(resume, out):
+    """-> (path, checkpoint): --resume, else out/checkpoint.pth if it exists, else (None, None)."""
+    path = resume or (out / 'checkpoint.pth' if (out / 'checkpoint.pth').exists() else None)
+    return path, load_file(path) if path else None
+
+
+def from_rank0(read):
+    """read() on rank 0 only; its result, or its UserError, reaches every process (the whole
+    checkpoint is sent: every rank starts from the same step and state)."""
+    result = [None, None]
+    if is_main():
+        try:
+            result[0] = read()
+        except UserError as e:
+            result[1] = str(e)
+    if world_size() > 1:
+        dist.broadcast_object_list(result, src=0)
+    if result[1]:
+        raise UserError(result[1])
+    return result[0]
 
 
 def check_resumable(checkpoint, config, path):
@@ -510,12 +536,17 @@ def preemption_signals():
 
 
 def train(args):
+    with preemption_signals() as received:  # from the start: a signal in the setup stops too
+        return train_loop(args, received)
+
+
+def train_loop(args, received):
     rank, world, device = setup_distributed()
-    # Resume: --resume, or the output folder's last checkpoint. Checked before any heavy work.
+    # Resume: --resume, or the output folder's last checkpoint, as rank 0 finds it (with
+    # node-local folders the other nodes would start afresh), before any heavy work.
     out = Path(args.output_dir)
     check_output_dir(out)
-    resume = args.resume or (out / 'checkpoint.pth' if (out / 'checkpoint.pth').exists() else None)
-    checkpoint = load_file(resume) if resume else None
+    resume, checkpoint = from_rank0(lambda: find_checkpoint(args.resume, out))
     saved = checkpoint.get('config') if isinstance(checkpoint, dict) else None
     images = augment.load_images(args.data, args.data_root, args.download, 'train')
     args = resolve_config(args, images, saved if isinstance(saved, dict) else None)
@@ -537,7 +568,7 @@ def train(args):
     # Data (augment.py): batches of two views on the device, labels only for the monitor.
     batches, where = augment.batches(images, args.image_size, args.batch_size // world, 'byol',
                                      args.seed, device, args.workers, args.data_on_device,
-                                     args.decode_on_device)
+                                     args.decode_on_device, dtype=AMP_DTYPES[args.amp])
     n_classes = len(images.classes) if len(images.classes) > 1 else 0
     val = augment.batches(augment.load_images(args.data, args.data_root, args.download, 'val'),
                           args.image_size, 256, 'eval', device=device, workers=args.workers)[0] \
@@ -552,7 +583,7 @@ def train(args):
     encoder, feature_dim = build_encoder(args.arch, args.small_images, args.width)
     byol = BYOL(encoder, feature_dim, args.hidden_dim, args.projection_dim, n_classes)
     if world > 1:
-        byol = synchronize_batchnorm(byol, device)
+        byol = synchronize_batchnorm(byol)
     memory_format = torch.channels_last if device.type == 'cuda' else torch.contiguous_format
     byol.to(device, memory_format=memory_format)
     optimizer = LARS(lars_param_groups(byol, args.wd), lr=0.0)
@@ -585,78 +616,77 @@ def train(args):
     model.train()  # the target too: its BN uses batch statistics (SPEC.md section 0)
     start_time, start_step, stopped = time.time(), step, False
     window_time, window = start_time, torch.zeros(4, device=device)  # monitor sums, steps
-    with preemption_signals() as received:
-        for epoch in range(step // steps_per_epoch, args.epochs):
-            batches.set_epoch(epoch, skip_batches=step % steps_per_epoch)
-            epoch_sums = torch.zeros(4, device=device)
-            for (v1, v2), labels, _ in batches:  # v1 ~ T, v2 ~ T' (B, 3, S, S), normalised
-                v1, v2 = (v.contiguous(memory_format=memory_format) for v in (v1, v2))
-                lr = learning_rate(step, total_steps, warmup_steps, peak_lr)
-                for group in optimizer.param_groups:
-                    group['lr'] = lr
-                # DEVIATION: the paper trains in float32; --amp bf16 (the default where faster)
-                # multiplies in bfloat16, as TPUs do under JAX's default precision; a CIFAR run
-                # learns the same within seed noise (README, "Precision").
-                with autocast(device, args.amp):
-                    loss, monitor = model(v1, v2, labels if n_classes else None)
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)                   # online: theta <- LARS(theta, grad)
-                scaler.update()
-                tau = target_tau(step, total_steps, args.tau)
-                byol.update_target(tau)                  # target: xi <- tau xi + (1 - tau) theta
-                step += 1
-                window += (counted := torch.cat([monitor, monitor.new_ones(1)]))  # and steps
-                epoch_sums += counted
+    for epoch in range(step // steps_per_epoch, args.epochs):
+        batches.set_epoch(epoch, skip_batches=step % steps_per_epoch)
+        epoch_sums = torch.zeros(4, device=device)
+        for (v1, v2), labels, _ in batches:  # v1 ~ T, v2 ~ T' (B, 3, S, S), normalised
+            v1, v2 = (v.contiguous(memory_format=memory_format) for v in (v1, v2))
+            lr = learning_rate(step, total_steps, warmup_steps, peak_lr)
+            for group in optimizer.param_groups:
+                group['lr'] = lr
+            # DEVIATION: the paper trains in float32; --amp bf16 (the default where faster)
+            # multiplies in bfloat16, as TPUs do under JAX's default precision; a CIFAR run
+            # learns the same within seed noise (README, "Precision").
+            with autocast(device, args.amp):
+                loss, monitor = model(v1, v2, labels if n_classes else None)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)                   # online: theta <- LARS(theta, grad)
+            scaler.update()
+            tau = target_tau(step, total_steps, args.tau)
+            byol.update_target(tau)                  # target: xi <- tau xi + (1 - tau) theta
+            step += 1
+            window += (counted := torch.cat([monitor, monitor.new_ones(1)]))  # and steps
+            epoch_sums += counted
 
-                log_now = step % args.log_every == 0 or step % steps_per_epoch == 0
-                if not (log_now or step % SYNC_EVERY == 0 or step == args.stop_at_step):
-                    continue
-                # One synchronisation every few steps: the global means of the monitor (BYOL
-                # loss, projection std, classifier top-1) and whether any process received a
-                # preemption signal (all must stop together).
-                stats = all_reduce_sum(torch.cat([window[:3] / window[3], torch.tensor(
-                    [float(bool(received))], device=device)])) / world
-                loss_mean, z_std, top1, stop = stats.tolist()
-                if not math.isfinite(loss_mean):
-                    kept = out / 'checkpoint.pth'
-                    raise UserError(f'the loss is {loss_mean} at step {step}; lower --lr or use '
-                                    '--amp none; ' + (f'{kept} keeps the last good state' if
-                                                      kept.exists() else 'nothing was saved'))
-                if log_now or stop or step == args.stop_at_step:
-                    now = time.time()
-                    eta = (now - start_time) / (step - start_step) * (total_steps - step)
-                    log(f'step {step}/{total_steps} | ep {epoch} | loss {loss_mean:.4f} | '
-                        f'lr {lr:.4g} | tau {tau:.5f} | z_std {z_std:.4f} | '
-                        + (f'top-1 {100 * top1:.1f}% | ' if n_classes else '')
-                        + f'{args.batch_size * window[3] / (now - window_time):.0f} img/s | '
-                        f'eta {format_time(eta)}')
-                    window_time, window = now, torch.zeros(4, device=device)
-                if stop or step == args.stop_at_step:
-                    stopped = True
-                    break
+            log_now = step % args.log_every == 0 or step % steps_per_epoch == 0
+            if not (log_now or step % SYNC_EVERY == 0 or step == args.stop_at_step):
+                continue
+            # One synchronisation every few steps: the global means of the monitor (BYOL
+            # loss, projection std, classifier top-1) and whether any process received a
+            # preemption signal (all must stop together).
+            stats = all_reduce_sum(torch.cat([window[:3] / window[3], torch.tensor(
+                [float(bool(received))], device=device)])) / world
+            loss_mean, z_std, top1, stop = stats.tolist()
+            if not math.isfinite(loss_mean):
+                kept = out / 'checkpoint.pth'
+                raise UserError(f'the loss is {loss_mean} at step {step}; lower --lr or use '
+                                '--amp none; ' + (f'{kept} keeps the last good state' if
+                                                  kept.exists() else 'nothing was saved'))
+            if log_now or stop or step == args.stop_at_step:
+                now = time.time()
+                eta = (now - start_time) / (step - start_step) * (total_steps - step)
+                log(f'step {step}/{total_steps} | ep {epoch} | loss {loss_mean:.4f} | '
+                    f'lr {lr:.4g} | tau {tau:.5f} | z_std {z_std:.4f} | '
+                    + (f'top-1 {100 * top1:.1f}% | ' if n_classes else '')
+                    + f'{args.batch_size * window[3] / (now - window_time):.0f} img/s | '
+                    f'eta {format_time(eta)}')
+                window_time, window = now, torch.zeros(4, device=device)
+            if stop or step == args.stop_at_step:
+                stopped = True
+                break
 
-            if step % steps_per_epoch == 0:  # the epoch is complete
-                loss, z_std, top1 = (all_reduce_sum(epoch_sums[:3]) / world /
-                                     epoch_sums[3]).tolist()
-                record = dict(epoch=epoch, step=step, loss=loss, lr=lr, tau=tau, z_std=z_std,
-                              time=time.time() - start_time)
-                if n_classes:
-                    record['train_top1'] = 100 * top1
-                if val and (epoch + 1) % args.eval_every == 0:
-                    record['val_top1'] = classifier_top1(byol.online, val, device, args.amp)
-                    log(f'epoch {epoch}: the monitor\'s validation top-1 '
-                        f'{record["val_top1"]:.2f}%')
-                save_checkpoint(out / 'checkpoint.pth', byol, optimizer, scaler, step, config)
-                if is_main():
-                    with open(out / 'log.jsonl', 'a') as f:
-                        f.write(json.dumps(record) + '\n')
-            elif stopped:
-                save_checkpoint(out / 'checkpoint.pth', byol, optimizer, scaler, step, config)
-            if stopped:
-                log(f'stopped by {"a signal" if stop else "--stop-at-step"} at step {step}; '
-                    f'checkpoint saved in {out}; run the same command again to resume')
-                return
+        if step % steps_per_epoch == 0:  # the epoch is complete
+            loss, z_std, top1 = (all_reduce_sum(epoch_sums[:3]) / world /
+                                 epoch_sums[3]).tolist()
+            record = dict(epoch=epoch, step=step, loss=loss, lr=lr, tau=tau, z_std=z_std,
+                          time=time.time() - start_time)
+            if n_classes:
+                record['train_top1'] = 100 * top1
+            if val and (epoch + 1) % args.eval_every == 0:
+                record['val_top1'] = classifier_top1(byol.online, val, device, args.amp)
+                log(f'epoch {epoch}: the monitor\'s validation top-1 '
+                    f'{record["val_top1"]:.2f}%')
+            save_checkpoint(out / 'checkpoint.pth', byol, optimizer, scaler, step, config)
+            if is_main():
+                with open(out / 'log.jsonl', 'a') as f:
+                    f.write(json.dumps(record) + '\n')
+        elif stopped:
+            save_checkpoint(out / 'checkpoint.pth', byol, optimizer, scaler, step, config)
+        if stopped:
+            log(f'stopped by {"a signal" if stop else "--stop-at-step"} at step {step}; '
+                f'checkpoint saved in {out}; run the same command again to resume')
+            return
     if is_main():
         export_encoder(byol.online.encoder, {k: config[k] for k in ENCODER_SETTINGS}, out)
         log(f'done: {out / "checkpoint.pth"}; encoder exported to {out / "encoder.pth"} (its '

@@ -16,6 +16,7 @@ import json
 import math
 import os
 import pickle
+import signal
 import subprocess
 import sys
 from collections import Counter
@@ -415,7 +416,7 @@ def test_lars_skips_the_trust_ratio_for_zero_weights():
 
 def test_allreduce_batchnorm_equals_batchnorm_in_one_process():
     bn = nn.BatchNorm2d(3)
-    synced = byol.synchronize_batchnorm(nn.Sequential(copy.deepcopy(bn)), torch.device('cpu'))[0]
+    synced = byol.synchronize_batchnorm(nn.Sequential(copy.deepcopy(bn)))[0]
     assert isinstance(synced, byol.AllReduceBatchNorm)
     x = torch.randn(8, 3, 5, 5, requires_grad=True)
     dist = byol.dist
@@ -431,6 +432,62 @@ def test_allreduce_batchnorm_equals_batchnorm_in_one_process():
         assert torch.allclose(synced.running_mean, bn.running_mean, atol=1e-6)
     finally:
         dist.destroy_process_group()
+
+
+def test_allreduce_batchnorm_keeps_bf16_activations_in_bf16():
+    # (nn.SyncBatchNorm's place on GPUs too: a bf16 input gives a bf16 output, as torch's BN)
+    bn = nn.BatchNorm2d(3)
+    synced = byol.synchronize_batchnorm(nn.Sequential(copy.deepcopy(bn)))[0]
+    x = torch.randn(8, 3, 5, 5).bfloat16().requires_grad_()
+    y_ref, y = bn(x), synced(x)
+    assert y.dtype == y_ref.dtype == torch.bfloat16
+    assert (y.float() - y_ref.float()).abs().max() < 0.02  # one bf16 rounding of values ~2
+    g, = torch.autograd.grad((y.float() ** 3).sum(), x)
+    g_ref, = torch.autograd.grad((y_ref.float() ** 3).sum(), x)
+    assert g.dtype == torch.bfloat16
+    assert ((g.float() - g_ref.float()).norm() / g_ref.float().norm()) < 0.02
+
+
+def test_bf16_is_the_default_only_where_it_is_native(monkeypatch):
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    monkeypatch.setattr(torch.cuda, 'is_bf16_supported', lambda *a, **k: True)  # emulated too
+    for capability, amp in (((7, 0), 'none'), ((7, 5), 'none'), ((8, 0), 'bf16'),
+                            ((9, 0), 'bf16')):
+        monkeypatch.setattr(torch.cuda, 'get_device_capability', lambda *a: capability)
+        assert byol.default_amp() == amp, capability
+
+
+def from_rank0_worker(rank, folder):
+    """One of two gloo processes: rank 0's folder holds the checkpoint, rank 1's is empty (as
+    node-local output folders); or rank 0's file is corrupt."""
+    byol.dist.init_process_group('gloo', init_method=f'file://{folder}/store', rank=rank,
+                                 world_size=2)
+    results = []
+    for run in ('good', 'corrupt'):
+        try:
+            path, checkpoint = byol.from_rank0(
+                lambda: byol.find_checkpoint(None, folder / run / f'rank{rank}'))
+            results.append((str(path), checkpoint))
+        except byol.UserError as e:
+            results.append(str(e))
+    torch.save(results, folder / f'out{rank}.pt')
+    byol.dist.destroy_process_group()
+
+
+def test_rank0_decides_the_resume_and_sends_every_process_its_checkpoint(tmp_path):
+    for run in ('good', 'corrupt'):
+        for rank in (0, 1):
+            (tmp_path / run / f'rank{rank}').mkdir(parents=True)
+    state = dict(step=7, online={'w': torch.arange(5.0)}, config={'seed': 0})
+    byol.save_atomic(state, tmp_path / 'good' / 'rank0' / 'checkpoint.pth')
+    (tmp_path / 'corrupt' / 'rank0' / 'checkpoint.pth').write_bytes(b'truncated')
+    torch.multiprocessing.spawn(from_rank0_worker, (tmp_path,), nprocs=2)
+    rank0, rank1 = (torch.load(tmp_path / f'out{r}.pt', weights_only=False) for r in (0, 1))
+    for path, checkpoint in (rank0[0], rank1[0]):  # rank 1 found nothing itself
+        assert path == str(tmp_path / 'good' / 'rank0' / 'checkpoint.pth')
+        assert checkpoint['step'] == 7 and torch.equal(checkpoint['online']['w'],
+                                                       torch.arange(5.0))
+    assert rank0[1] == rank1[1] and 'cannot read checkpoint' in rank1[1]  # the same error
 
 
 def smooth_resnet18():
@@ -453,13 +510,13 @@ def sync_bn_worker(rank, folder):
     byol.dist.init_process_group('gloo', init_method=f'file://{folder}/store', rank=rank,
                                  world_size=2)
     half = slice(4 * rank, 4 * rank + 4)
-    encoder = byol.synchronize_batchnorm(smooth_resnet18(), torch.device('cpu'))
+    encoder = byol.synchronize_batchnorm(smooth_resnet18())
     grads = []
     for x, upstream in torch.load(folder / 'batches.pt'):
         encoder.zero_grad()
         encoder(x[half]).backward(upstream[half])
         grads.append([byol.all_reduce_sum(p.grad) for p in encoder.parameters()])
-    bn = byol.synchronize_batchnorm(nn.BatchNorm1d(16), torch.device('cpu'))
+    bn = byol.synchronize_batchnorm(nn.BatchNorm1d(16))
     y = bn(torch.load(folder / 'offset.pt')[half])
     ys = [torch.empty_like(y) for _ in range(2)]
     byol.dist.all_gather(ys, y.detach())
@@ -562,6 +619,57 @@ def test_sigterm_saves_a_checkpoint_and_the_run_resumes(image_folder, tmp_path):
                             capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert result.returncode == 0 and f'at step {step}' in result.stdout
     assert load(out / 'checkpoint.pth')['step'] == step + 2
+
+
+def readme_slurm_script():
+    """The README's SLURM batch script, as it is printed there."""
+    readme = (HERE / 'README.md').read_text()
+    return readme.split('#!/bin/bash\n', 1)[1].split('```', 1)[0]
+
+
+@pytest.mark.slow
+def test_the_readme_slurm_recipe_saves_then_requeues_under_torchrun(image_folder, tmp_path):
+    # The README's script, run as SLURM would (srun and scontrol stood in for), with torchrun's
+    # 2 CPU processes on the tiny folder: SIGUSR1 to the script (SLURM's --signal=B:USR1) must
+    # reach byol.py through torchrun, which saves a checkpoint and exits; then the job requeues.
+    script = readme_slurm_script()
+    command = 'byol.py --data /imagenet --output-dir runs/r50'
+    assert command in script and '--nproc_per_node=8' in script and ':29500' in script
+    out = tmp_path / 'run'
+    tiny = ' '.join(['--data', str(image_folder), *TINY, '--epochs', '400', '--log-every', '1',
+                     '--output-dir', str(out)])
+    with contextlib.closing(__import__('socket').socket()) as s:
+        s.bind(('127.0.0.1', 0))
+        port = s.getsockname()[1]
+    script = script.replace(command, f'{HERE / "byol.py"} {tiny}').replace(
+        '--nproc_per_node=8', '--nproc_per_node=2').replace(':29500', f':{port}')
+    bin_dir = tmp_path / 'bin'
+    bin_dir.mkdir()
+    (bin_dir / 'srun').write_text('#!/bin/bash\nexec "$@"\n')  # srun passes USR1 on, too
+    (bin_dir / 'scontrol').write_text(
+        '#!/bin/bash\nif [ "$1" = show ]; then echo localhost; exit; fi\n'
+        f'echo "$@ $(python3 -c \'import torch; print(torch.load("{out}/checkpoint.pth")'
+        f'["step"])\')" >> {tmp_path}/scontrol.log\n')
+    for tool in ('srun', 'scontrol'):
+        (bin_dir / tool).chmod(0o755)
+    env = dict(os.environ, PATH=f'{bin_dir}:{Path(sys.executable).parent}:{os.environ["PATH"]}',
+               SLURM_JOB_ID='4242', SLURM_NNODES='1', SLURM_JOB_NODELIST='node1',
+               OMP_NUM_THREADS='1')
+    process = subprocess.Popen(['bash', '-c', script], stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, cwd=tmp_path, env=env)
+    seen = []
+    for line in process.stdout:
+        seen.append(line)
+        if line.startswith('step '):
+            process.send_signal(signal.SIGUSR1)  # what SLURM sends the batch script
+            break
+    rest, _ = process.communicate(timeout=240)
+    output = ''.join(seen) + rest
+    assert 'stopped by a signal' in output, output[-3000:]
+    step = load(out / 'checkpoint.pth')['step']
+    assert 1 <= step < 400 * 2
+    # the requeue came after the checkpoint was saved, and found it
+    assert (tmp_path / 'scontrol.log').read_text().split() == ['requeue', '4242', str(step)]
 
 
 def test_a_run_resumes_in_another_precision(image_folder, tmp_path, capsys):
@@ -1017,6 +1125,55 @@ def test_every_placement_of_the_stages_gives_the_same_views(mode, image_folder):
     loader_crops = augment.Pipeline(images, 16, mode, seed=3).run(batch, augment.STAGES[:3])[0]
     difference = (crops.int() - loader_crops.int()).abs()
     assert difference.max() <= 1 and (difference > 0).float().mean() < 1e-3
+
+
+def test_views_in_the_autocast_dtype_are_the_float32_views_cast(image_folder):
+    images = augment.load_images(str(image_folder))
+    keys = [(0, i) for i in range(6)]
+    views = []
+    for dtype in (torch.float32, torch.bfloat16):
+        pipeline = augment.Pipeline(images, 16, 'byol', dtype=dtype)
+        views.append(pipeline.finish(pipeline.__getitems__(keys))[0])
+    assert views[1].dtype == torch.bfloat16 and torch.equal(views[1], views[0].bfloat16())
+
+
+def test_the_augmentation_makes_no_new_constant_tensors_per_batch(monkeypatch):
+    # (on a GPU each torch.tensor(..., device='cuda') is a blocking copy, 14 of them a step)
+    crops = torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8)
+    u = augment.uniforms(0, 0, torch.arange(4))[:, 0]
+    first = augment.augment_batch(crops, u, augment.T_PRIME)  # the constants are made here
+    made = []
+    real = torch.tensor
+    monkeypatch.setattr(torch, 'tensor', lambda *a, **k: made.append(a) or real(*a, **k))
+    assert torch.equal(augment.augment_batch(crops, u, augment.T_PRIME), first)
+    assert made == []
+
+
+def test_workers_come_from_the_cores_this_process_may_use(monkeypatch):
+    monkeypatch.setattr(os, 'sched_getaffinity', lambda pid: set(range(34)), raising=False)
+    monkeypatch.setenv('LOCAL_WORLD_SIZE', '8')  # torchrun's processes on this node
+    assert augment.available_cores() in (34, *range(1, 34))  # a container quota may lower it
+    monkeypatch.setattr(augment, 'available_cores', lambda: 34)
+    assert augment.default_workers() == 3  # 34 // 8 - 1 for the training loop
+    monkeypatch.setenv('LOCAL_WORLD_SIZE', '1')
+    assert augment.default_workers() == 33  # no cap at 10
+
+
+def test_a_small_dev_shm_lowers_the_batches_in_flight(image_folder, monkeypatch, capsys):
+    images = augment.load_images(str(image_folder))
+    pipeline = augment.Pipeline(images, 224, 'byol', on_device='views')  # uint8 crops travel
+    batch = 64 * 2 * 3 * 224 * 224                                         # 19.3 MB a batch
+    loader = augment.Batches(pipeline, 64, workers=0)
+    free = {'bytes': 2 ** 40}
+    monkeypatch.setattr(os, 'statvfs', lambda path: type('S', (), dict(
+        f_bavail=free['bytes'] // 4096, f_frsize=4096))())
+    assert loader.shared_memory_budget(8) == (8, 2)
+    free['bytes'] = 2 * 3 * batch  # room for 3 batches in half of it
+    assert loader.shared_memory_budget(8) == (3, 1)
+    assert 'room for 3 batches in flight of 18 MB' in capsys.readouterr().err
+    pipeline.split = len(augment.STAGES)  # float32 views from the loader: 4x the bytes
+    free['bytes'] = 2 * 3 * batch
+    assert loader.shared_memory_budget(8) == (1, 1)
 
 
 def test_batches_are_drawn_by_image_index_whatever_the_placement(image_folder):
