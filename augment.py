@@ -25,6 +25,7 @@ Usage (what byol.py does):
     for views, labels, indices in loader:                      # views (2, B, 3, 224, 224)
         v1, v2 = views                                         # v1 ~ T, v2 ~ T', normalised
 """
+import contextlib
 import functools
 import io
 import math
@@ -656,18 +657,24 @@ class Pipeline(torch.utils.data.Dataset):
     def decode(self, data, u, labels, indices):
         if torch.is_tensor(data):  # held in memory: decoded already
             return data
-        if self.device.type == 'cuda' and self.split <= STAGES.index('decode'):
-            try:  # nvJPEG, the whole batch at once
-                return self.decode_on_gpu(data)
-            except RuntimeError:  # PNG, CMYK, corrupt: one by one below
-                pass
-        images = []
-        for item, i in zip(data, indices.tolist()):
+        images = [None] * len(data)
+        on_gpu = self.device.type == 'cuda' and self.split <= STAGES.index('decode')
+        if on_gpu:  # nvJPEG: the batch's JPEG files at once; if it refuses one, one by one
+            jpegs = [k for k, item in enumerate(data) if item[:2].tolist() == [0xFF, 0xD8]]
             try:
-                images.append(item if item.dim() == 3 else decode(item).to(item.device))
-            except Exception as e:
-                warn_unreadable(self.images.name(i), e)
-                images.append(None)
+                for k, image in zip(jpegs, self.decode_on_gpu([data[k] for k in jpegs])):
+                    images[k] = image
+            except RuntimeError:
+                for k in jpegs:
+                    with contextlib.suppress(RuntimeError):
+                        images[k] = self.decode_on_gpu([data[k]])[0]
+        for k, (item, i) in enumerate(zip(data, indices.tolist())):
+            if images[k] is None:  # (PNG, CMYK JPEG: libjpeg-turbo / libpng on the CPU)
+                try:
+                    images[k] = (item if item.dim() == 3 else decode(item)).to(
+                        self.device if on_gpu else item.device)
+                except Exception as e:
+                    warn_unreadable(self.images.name(i), e)
         readable = [image for image in images if image is not None]
         if not readable:
             raise UserError(f'a batch of {len(images)} unreadable images, from '

@@ -645,8 +645,8 @@ def train_loop(args, received):
             # One synchronisation every few steps: the global means of the monitor (BYOL
             # loss, projection std, classifier top-1) and whether any process received a
             # preemption signal (all must stop together).
-            stats = all_reduce_sum(torch.cat([window[:3] / window[3], torch.tensor(
-                [float(bool(received))], device=device)])) / world
+            stats = all_reduce_sum(torch.cat([window[:3] / window[3], torch.full(
+                (1,), float(bool(received)), device=device)])) / world  # (a fill: no copy)
             loss_mean, z_std, top1, stop = stats.tolist()
             if not math.isfinite(loss_mean):
                 kept = out / 'checkpoint.pth'

@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
-# bench/gpu_check.sh: every GPU check that bench/RESULTS.md cites, in one command of at most 8
-# minutes on one H100/H200 (each part has its own time limit; a part that fails is reported and
-# the others still run):
+# bench/gpu_check.sh: every GPU check that bench/RESULTS.md cites, in one command of at most
+# BUDGET seconds (default 560, within one 10-minute device call) on one H100/H200: each part has
+# its own time limit, cut to what is left; a part that fails is reported and the others still
+# run (order: 1, 5, 2, 3, 4):
 #   1. ResNet-50 at 224 px: the step (img/s, MFU), and what each placement of the data pipeline
 #      delivers on ImageNet-size JPEGs (the CPU loader vs decoding on the GPU)
 #   2. ResNet-18 at 32 px on CIFAR-10: the step, the CPU loader vs the dataset held in memory
 #   3. a short CIFAR-10 pretraining (ResNet-18, 20 epochs) with the linear probe, against random init
 #   4. resume: a run stopped at step 60 and resumed ends where an uninterrupted one does
+#   5. the real loop, ResNet-50 at 224 px, batch 512 on the photos: host synchronisations per
+#      step (set_sync_debug_mode), the memory high-water mark, and the cost of the synchronised
+#      BN against plain BN (bench/loop_check.py)
 #
 #   bash bench/gpu_check.sh [CIFAR10_FOLDER]
 # CIFAR10_FOLDER defaults to data/cifar10, then ../shared/data/cifar10; parts 2-4 need it. Only the
@@ -34,14 +38,19 @@ PY
 fi
 log="$results/summary.txt"
 if [ "${SMOKE:-0}" = 1 ]; then  # the settings below, at a size a CPU runs in seconds
-  dev=cpu r50=2 r18=16 epochs=1 steps=1 warmup=1 repeats=1 photos_n=32 stop=2 arch=convnet
+  dev=cpu r50=2 r18=16 epochs=1 steps=1 warmup=1 repeats=1 photos_n=48 stop=2 arch=convnet
   extra=(--hidden-dim 64 --projection-dim 32)
+  loop=(--arch convnet --width 8 --image-size 64 --batch-size 2 --epochs 1 "${extra[@]}")
 else
-  dev=cuda r50=256 r18=512 epochs=20 steps=10 warmup=5 repeats=3 photos_n=1024 stop=60
+  dev=cuda r50=256 r18=512 epochs=20 steps=10 warmup=5 repeats=3 photos_n=2048 stop=60
   arch=resnet18 extra=()
+  loop=(--arch resnet50 --batch-size 512 --epochs 8)
 fi
+deadline=$(( $(date +%s) + ${BUDGET:-560} ))  # the whole script: one device call (600 s)
 part() {  # part SECONDS TITLE COMMAND...: run with a time limit, keep going on failure
-  local limit=$1 title=$2 code; shift 2
+  local limit=$1 title=$2 code left=$(( deadline - $(date +%s) )); shift 2
+  if [ "$left" -lt 30 ]; then echo "=== skipped, out of time: $title" | tee -a "$log"; return; fi
+  [ "$limit" -gt "$left" ] && limit=$left
   echo "=== $title ($(date -u +%H:%M:%S), limit ${limit}s)" | tee -a "$log"
   timeout "$limit" "$@" > "$results/part.log" 2>&1; code=$?
   grep -v '^step ' "$results/part.log" | tail -n 40 | tee -a "$log"
@@ -70,6 +79,11 @@ part 150 "ResNet-50, 224 px, batch $r50: the step and the pipeline" \
     --warmup $warmup --steps $steps --repeats $repeats --no-ablations --no-baseline \
     --pipeline "$photos" \
     --pipeline-batches 6 --json "$results/gpu_resnet50_224px.json"
+
+# 5. The real loop on the photos (right after part 1: the parts after it may be cut for time).
+part 150 "the real loop: host synchronisations, memory, synchronised BN vs plain BN" \
+  python3 bench/loop_check.py "$photos" "${loop[@]}" --log-every 20 \
+    --json "$results/loop_check.json"
 
 if [ -d "$cifar/train" ]; then
   # 2. ResNet-18 at 32 px on CIFAR-10: the step; the loader vs the dataset held in memory.
@@ -111,4 +125,5 @@ PY"
 else
   echo "no CIFAR-10 folder at $cifar: parts 2-4 skipped (see the header)" | tee -a "$log"
 fi
+
 echo "done $(date -u)" | tee -a "$log"

@@ -1,0 +1,94 @@
+"""bench/loop_check.py: byol.py's real training loop for a few dozen steps, twice, side by side:
+with torch's plain BatchNorm and with byol.py's synchronised one (AllReduceBatchNorm, which every
+multi-process run uses; forced here in one process, where its all-reduces are no-ops, so that
+its own cost shows). For each: the step rate after warm-up, the memory high-water mark, and on a
+GPU the host synchronisations per step (torch.cuda.set_sync_debug_mode('warn'); the loop means
+to wait for the device once every SYNC_EVERY steps and at the end of an epoch, nowhere else),
+with the lines of code that caused them.
+
+    python bench/loop_check.py FOLDER --arch resnet50 --batch-size 512 --epochs 8 [byol.py flags]
+Prints one summary block; --json FILE also writes it.
+"""
+import json
+import sys
+import tempfile
+import time
+import warnings
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import byol  # noqa: E402
+
+WARMUP = 10  # steps left out of the rates and the synchronisation count
+
+
+def run(folder, flags, synced_bn):
+    """byol.main on the folder -> dict of measurements."""
+    steps, times, syncs = [], [], Counter()
+    tau = byol.target_tau
+
+    def counting_tau(step, total, base):  # called once a step, after the optimizer step
+        steps.append(step)
+        times.append(time.perf_counter())
+        return tau(step, total, base)
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        if 'synchroniz' in str(message) and len(steps) > WARMUP:
+            syncs[f'{Path(filename).name}:{lineno}'] += 1
+
+    model = byol.BYOL
+    byol.target_tau = counting_tau
+    if synced_bn:
+        byol.BYOL = lambda *a, **k: byol.synchronize_batchnorm(model(*a, **k))
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+        torch.cuda.set_sync_debug_mode('warn')
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter('always')
+            warnings.showwarning = record
+            with tempfile.TemporaryDirectory() as out:
+                byol.main(['--data', folder, *flags, '--output-dir', out])
+    finally:
+        byol.target_tau, byol.BYOL = tau, model
+        if cuda:
+            torch.cuda.set_sync_debug_mode('default')
+    counted = len(steps) - WARMUP
+    rate = (counted - 1) / (times[-1] - times[WARMUP])
+    result = dict(steps=len(steps), steps_per_s=rate,
+                  host_syncs_per_step=sum(syncs.values()) / counted if cuda else None,
+                  sync_sites=dict(syncs.most_common(8)))
+    if cuda:
+        result['peak_memory_gb'] = torch.cuda.max_memory_allocated() / 2 ** 30
+    return result
+
+
+def main():
+    folder, flags = sys.argv[1], sys.argv[2:]
+    out_json = None
+    if '--json' in flags:
+        i = flags.index('--json')
+        out_json, flags = flags[i + 1], flags[:i] + flags[i + 2:]
+    results = {}
+    for name, synced in (('plain BatchNorm', False), ('AllReduceBatchNorm', True)):
+        results[name] = run(folder, flags, synced)
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU'
+    print(f'\nloop check on {device}, flags: {" ".join(flags)}')
+    for name, r in results.items():
+        print(f'  {name:20s} {r["steps_per_s"]:.3f} steps/s over {r["steps"] - WARMUP - 1} steps'
+              + (f', peak memory {r["peak_memory_gb"]:.1f} GB' if 'peak_memory_gb' in r else '')
+              + (f', host syncs per step {r["host_syncs_per_step"]:.2f} at {r["sync_sites"]}'
+                 if r['host_syncs_per_step'] is not None else ''))
+    ratio = results['AllReduceBatchNorm']['steps_per_s'] / results['plain BatchNorm']['steps_per_s']
+    print(f'  AllReduceBatchNorm / plain BatchNorm: {ratio:.2f}x the step rate '
+          f'(expected host syncs: 1 every {byol.SYNC_EVERY} steps, plus one an epoch)')
+    if out_json:
+        Path(out_json).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == '__main__':
+    main()
