@@ -12,11 +12,9 @@ Commands
         (CPU or one GPU; see README.md for the CPU quick start on a CIFAR-10 image folder)
     python byol.py --data /imagenet                    # one GPU, paper defaults (1000 epochs)
     torchrun --nproc_per_node=8 byol.py --data /imagenet --output-dir runs/r50
-    torchrun --nnodes=4 --node_rank=$R --master_addr=$HOST --master_port=29500 \
-        --nproc_per_node=8 byol.py --data /imagenet --output-dir runs/r50
-  A rerun of the same command resumes from <output-dir>/checkpoint.pth. The final encoder is
-  exported as <output-dir>/encoder.pth, loadable by torchvision.models.<arch>(), with its
-  settings in encoder.json beside it.
+        (several nodes, SLURM and preemption: README.md)
+  The same command again resumes from <output-dir>/checkpoint.pth. The final encoder goes to
+  <output-dir>/encoder.pth (for torchvision.models.<arch>()), its settings to encoder.json.
 
 Measured (README.md has the table): CIFAR-10 JPEG folder, --arch convnet --width 16, one epoch
 (390 steps of 128, float32) in 1.4 minutes on 2 CPU cores: linear probe 42.2% (random init) ->
@@ -47,7 +45,8 @@ from augment import UserError
 PRESETS = {40: (0.45, 1e-6, 0.97), 100: (0.45, 1e-6, 0.99), 300: (0.3, 1e-6, 0.99),
            1000: (0.2, 1.5e-6, 0.996)}
 ARCHS = ('resnet18', 'resnet34', 'resnet50', 'resnet101', 'resnet152', 'resnet200', 'convnet')
-AMP_CHOICES = ('bf16', 'fp16', 'none')  # autocast precisions, the same in every script
+AMP_DTYPES = {'bf16': torch.bfloat16, 'fp16': torch.float16, 'none': torch.float32}
+AMP_CHOICES = tuple(AMP_DTYPES)  # autocast precisions, the same in every script
 # What an encoder needs to be rebuilt and fed: travels with it (checkpoint.pth, encoder.json).
 ENCODER_SETTINGS = ('arch', 'width', 'small_images', 'image_size')
 # Settings that define a run: a resumed run must use the same ones.
@@ -297,11 +296,9 @@ def setup_distributed():
     if 'RANK' not in os.environ:
         return 0, 1, torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     rank, world, local_rank = (int(os.environ[k]) for k in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK'))
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-        device = torch.device('cuda', local_rank)
-    else:
-        device = torch.device('cpu')
+    device = torch.device('cuda', local_rank) if torch.cuda.is_available() else torch.device('cpu')
+    if device.type == 'cuda':
+        torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo', device_id=(
             device if device.type == 'cuda' else None))
@@ -322,9 +319,8 @@ def log(*message):
 
 
 def format_time(seconds):
-    seconds = int(seconds)
-    return f'{seconds // 3600}h{seconds % 3600 // 60:02d}m' if seconds >= 3600 else \
-        f'{seconds // 60}m{seconds % 60:02d}s'
+    m, s = divmod(int(seconds), 60)
+    return f'{m // 60}h{m % 60:02d}m' if m >= 60 else f'{m}m{s:02d}s'
 
 
 def all_reduce_sum(t):
@@ -335,10 +331,9 @@ def all_reduce_sum(t):
 
 
 class SyncBatchNormFunction(torch.autograd.Function):
-    """y = gamma x_hat + beta, x_hat = (x - mean) / sqrt(var + eps), with the global batch's
-    statistics (one fused kernel, in x's dtype); the backward all-reduces the sums of dy and
-    dy x_hat, the input gradient's only global terms (as nn.SyncBatchNorm's):
-    dx = gamma invstd (dy - mean(dy) - x_hat mean(dy x_hat))."""
+    """y = gamma (x - mean) / sqrt(var + eps) + beta with the global batch's statistics, in x's
+    dtype; the backward all-reduces the sums of dy and dy x_hat, the input gradient's only global
+    terms (as nn.SyncBatchNorm's): dx = gamma invstd (dy - mean(dy) - x_hat mean(dy x_hat))."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, mean, var, eps, count):
@@ -388,19 +383,12 @@ class AllReduceBatchNorm(nn.modules.batchnorm._BatchNorm):
 
 
 def synchronize_batchnorm(module):
-    """BN statistics over the global batch (SPEC.md section 1): every BN becomes an
-    AllReduceBatchNorm, parameters and buffers kept, so state dicts are unchanged."""
-    if isinstance(module, nn.modules.batchnorm._BatchNorm):
-        synced = AllReduceBatchNorm(module.num_features, module.eps, module.momentum)
-        synced.weight, synced.bias = module.weight, module.bias
-        synced.load_state_dict(module.state_dict())
-        return synced
-    for name, child in module.named_children():
-        module.add_module(name, synchronize_batchnorm(child))
+    """BN statistics over the global batch (SPEC.md section 1): every BN of the module becomes
+    an AllReduceBatchNorm in place, parameters and buffers kept (state dicts unchanged)."""
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.__class__ = AllReduceBatchNorm
     return module
-
-
-AMP_DTYPES = {'bf16': torch.bfloat16, 'fp16': torch.float16, 'none': torch.float32}
 
 
 def autocast(device, amp):
@@ -450,38 +438,32 @@ def save_checkpoint(path, byol, optimizer, scaler, step, config):
         cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
         save_atomic(dict(online=byol.online.state_dict(), target=byol.target.state_dict(),
                          optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), step=step,
-                         config=config, rng=dict(torch=torch.get_rng_state(), cuda=cuda_rng)),
-                    path)
+                         config=config, rng=dict(torch=torch.get_rng_state(), cuda=cuda_rng)), path)
     if world_size() > 1:
         dist.barrier()
 
 
 def find_checkpoint(resume, out):
-    """-> (path, checkpoint): --resume, else out/checkpoint.pth if it exists, else (None, None)."""
-    path = resume or (out / 'checkpoint.pth' if (out / 'checkpoint.pth').exists() else None)
-    return path, load_file(path) if path else None
-
-
-def from_rank0(read):
-    """read() on rank 0 only; its result, or its UserError, reaches every process (the whole
-    checkpoint is sent: every rank starts from the same step and state)."""
-    result = [None, None]
+    """-> (path, checkpoint) or (None, None), as rank 0 finds them (--resume, else the output
+    folder's checkpoint.pth), sent whole to every process: where the output folders are local
+    to each node, the other nodes would start afresh."""
+    found = [None, None, None]  # path, checkpoint, error
     if is_main():
+        found[0] = resume or (out / 'checkpoint.pth' if (out / 'checkpoint.pth').exists() else None)
         try:
-            result[0] = read()
+            found[1] = load_file(found[0]) if found[0] else None
         except UserError as e:
-            result[1] = str(e)
+            found[2] = str(e)
     if world_size() > 1:
-        dist.broadcast_object_list(result, src=0)
-    if result[1]:
-        raise UserError(result[1])
-    return result[0]
+        dist.broadcast_object_list(found, src=0)
+    if found[2]:
+        raise UserError(found[2])
+    return found[:2]
 
 
 def check_resumable(checkpoint, config, path):
     """A checkpoint of another run (architecture, batch, schedule) cannot be resumed."""
-    if not isinstance(checkpoint, dict) or 'online' not in checkpoint or \
-            'config' not in checkpoint:
+    if not isinstance(checkpoint, dict) or not {'online', 'config'} <= checkpoint.keys():
         raise UserError(f'{path} is not a byol.py training checkpoint; pass --resume a '
                         'checkpoint.pth written by byol.py')
     saved = checkpoint['config']
@@ -509,12 +491,10 @@ def check_output_dir(path):
     or written (a file in the way, no permission); nothing is created here."""
     path = Path(path).absolute()
     existing = next(p for p in (path, *path.parents) if p.exists())
-    if not existing.is_dir():
-        raise UserError(f'--output-dir {path}: {existing} is a file, not a folder; choose '
-                        'another --output-dir')
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise UserError(f'--output-dir {path}: {existing} is not writable; choose another '
-                        '--output-dir')
+    problem = 'is a file, not a folder' if not existing.is_dir() else None if os.access(
+        existing, os.W_OK | os.X_OK) else 'is not writable'
+    if problem:
+        raise UserError(f'--output-dir {path}: {existing} {problem}; choose another --output-dir')
 
 # ------------------------------------------------------------------------------------------------
 # The training loop
@@ -535,18 +515,11 @@ def preemption_signals():
             signal.signal(s, handler)
 
 
-def train(args):
-    with preemption_signals() as received:  # from the start: a signal in the setup stops too
-        return train_loop(args, received)
-
-
-def train_loop(args, received):
-    rank, world, device = setup_distributed()
-    # Resume: --resume, or the output folder's last checkpoint, as rank 0 finds it (with
-    # node-local folders the other nodes would start afresh), before any heavy work.
+def train(args, received):
+    _, world, device = setup_distributed()
     out = Path(args.output_dir)
     check_output_dir(out)
-    resume, checkpoint = from_rank0(lambda: find_checkpoint(args.resume, out))
+    resume, checkpoint = find_checkpoint(args.resume, out)  # before any heavy work
     saved = checkpoint.get('config') if isinstance(checkpoint, dict) else None
     images = augment.load_images(args.data, args.data_root, args.download, 'train')
     args = resolve_config(args, images, saved if isinstance(saved, dict) else None)
@@ -702,8 +675,8 @@ def classifier_top1(online, batches, device, amp):
     batches.set_epoch(0)
     for (x,), labels, _ in batches:
         with autocast(device, amp):
-            logits = online.classifier(online.encoder(x))
-        counts += torch.stack([(logits.argmax(1) == labels).sum(), labels.new_tensor(len(x))])
+            correct = online.classifier(online.encoder(x)).argmax(1) == labels
+        counts += torch.stack([correct.sum(), labels.new_tensor(len(x))])
     online.train()
     correct, total = all_reduce_sum(counts).tolist()
     return 100 * correct / total
@@ -769,9 +742,10 @@ def get_parser():
       f'{augment.MAX_IN_MEMORY} images of one size)')
     a('--decode-on-device', action='store_true', help='decode JPEGs on the GPU (nvJPEG, '
       'batched) and crop there; the loader only reads files (image folders only)')
-    a('--compile', action='store_true', help='torch.compile the networks (opt-in)')
+    a('--compile', action='store_true', help='torch.compile the networks (opt-in: DDP with '
+      'synchronised BN under compile has open upstream failure reports)')
     a('--workers', type=nonnegative_int, help='data-loader processes per process (default: '
-      'its CPU cores less one, at most 10)')
+      'the cores it may use, shared among the node\'s processes, less one)')
     a('--seed', type=int, default=0, help='seeds the initialisation, the data order and every '
       'augmentation')
     a('--amp', choices=AMP_CHOICES, help='autocast precision (default: bf16 on GPUs and on CPUs '
@@ -795,16 +769,12 @@ def resolve_config(args, images, saved=None):
     for name, value in zip(('lr', 'wd', 'tau'), preset):
         if getattr(args, name) is None:
             setattr(args, name, value)
-    if args.image_size is None:
-        args.image_size = augment.default_image_size(images)
-    if args.small_images is None:
-        args.small_images = args.image_size <= 64
-    if args.width is None:
-        args.width = 32 if args.arch == 'convnet' else 1
-    if args.amp is None:
-        args.amp = saved['amp'] if saved and saved.get('amp') in AMP_CHOICES else default_amp()
-    if args.workers is None:
-        args.workers = augment.default_workers()
+    args.image_size = args.image_size or augment.default_image_size(images)  # (None: not given)
+    args.small_images = args.image_size <= 64 if args.small_images is None else args.small_images
+    args.width = args.width or (32 if args.arch == 'convnet' else 1)
+    args.amp = args.amp or (saved['amp'] if saved and saved.get('amp') in AMP_CHOICES else
+                            default_amp())
+    args.workers = augment.default_workers() if args.workers is None else args.workers
     return args
 
 
@@ -822,7 +792,8 @@ def run_cli(prog, run, parser, argv=None):
 
 
 def main(argv=None):
-    run_cli('byol.py', train, get_parser(), argv)
+    with preemption_signals() as received:  # from the start: a signal in the setup stops too
+        run_cli('byol.py', lambda args: train(args, received), get_parser(), argv)
 
 
 if __name__ == '__main__':

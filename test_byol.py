@@ -465,8 +465,7 @@ def from_rank0_worker(rank, folder):
     results = []
     for run in ('good', 'corrupt'):
         try:
-            path, checkpoint = byol.from_rank0(
-                lambda: byol.find_checkpoint(None, folder / run / f'rank{rank}'))
+            path, checkpoint = byol.find_checkpoint(None, folder / run / f'rank{rank}')
             results.append((str(path), checkpoint))
         except byol.UserError as e:
             results.append(str(e))
@@ -987,6 +986,20 @@ def test_crop_resize_is_tensorflows_bicubic():
     image = torch.tensor([100, 200], dtype=torch.uint8).view(1, 1, 2).expand(3, 2, 2)
     out = augment.resized_crop(image, (0, 0, 2, 2), 4)
     assert torch.equal(out.float(), expected.expand(3, 4, 4)), out[0, 0]  # torch: 123 for 121
+
+
+def test_the_loaders_four_tap_crops_equal_the_resampling_matrices():
+    # crops_of (the loader: four row gathers, four column gathers) and resized_crops (the
+    # device: dense matrices, batched) must make the same pixels, up- and downscaled alike.
+    g = torch.Generator().manual_seed(0)
+    image = torch.randint(0, 256, (3, 61, 83), dtype=torch.uint8, generator=g)
+    u = augment.uniforms(5, 0, torch.arange(40))[:, 0]
+    boxes = augment.crop_boxes(u, 61, 83)                 # (40, 4): sides from 14 to 83
+    assert boxes[:, 2].min() < 32 < boxes[:, 2].max()
+    loader = augment.crops_of([image] * 40, boxes[:, None], 32)[:, 0]
+    device = augment.resized_crops(image.expand(40, -1, -1, -1), boxes, 32)
+    difference = (loader.int() - device.int()).abs()
+    assert difference.max() <= 1 and (difference > 0).float().mean() < 1e-3  # float rounding
 
 
 def test_solarize_grayscale_brightness_contrast_on_known_inputs():
