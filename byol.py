@@ -21,7 +21,6 @@ Measured (README.md has the table): CIFAR-10 JPEG folder, --arch convnet --width
 45.0% (BYOL), means of 3 seeds.
 """
 import argparse
-import contextlib
 import copy
 import json
 import math
@@ -414,6 +413,7 @@ def save_atomic(obj, path):
     """torch.save (or, for bytes, a plain write) to a temporary file, flushed to disk, then
     renamed: a crash leaves the old file or the new one, never half of one."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f'.{path.name}.tmp')
     with open(tmp, 'wb') as f:
         f.write(obj) if isinstance(obj, bytes) else torch.save(obj, f)
@@ -501,20 +501,6 @@ def check_output_dir(path):
 # ------------------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def preemption_signals():
-    """SIGTERM / SIGUSR1 (preemption, SLURM's --signal) are recorded, not fatal: the loop saves a
-    checkpoint and exits cleanly within SYNC_EVERY steps."""
-    received = []
-    previous = {s: signal.signal(s, lambda signum, _: received.append(signum))
-                for s in (signal.SIGTERM, signal.SIGUSR1)}
-    try:
-        yield received
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-
-
 def train(args, received):
     _, world, device = setup_distributed()
     out = Path(args.output_dir)
@@ -571,15 +557,12 @@ def train(args, received):
         torch.set_rng_state(checkpoint['rng']['torch'])
         step = checkpoint['step']
         if saved.get('amp') != args.amp:
-            log(f'note: steps 1-{step} ran with --amp {saved.get("amp")}; the run continues with '
-                f'--amp {args.amp}')
+            log(f'note: steps 1-{step} ran with --amp {saved.get("amp")}, the rest --amp {args.amp}')
         del checkpoint
     model = DistributedDataParallel(byol, device_ids=[device] if device.type == 'cuda' else None) \
         if world > 1 else byol
     if args.compile:  # the forward and backward of both networks; the EMA and LARS stay eager
         model = torch.compile(model)
-    if is_main():
-        out.mkdir(parents=True, exist_ok=True)
     log('config: ' + json.dumps(config, sort_keys=True))
     log(f'{where}; {world} process(es), {steps_per_epoch} steps of {args.batch_size} per epoch, '
         f'{total_steps} steps, peak lr {peak_lr:g}, '
@@ -792,8 +775,16 @@ def run_cli(prog, run, parser, argv=None):
 
 
 def main(argv=None):
-    with preemption_signals() as received:  # from the start: a signal in the setup stops too
+    # SIGTERM / SIGUSR1 (preemption, SLURM's --signal), from the start: recorded, not fatal; the
+    # loop saves a checkpoint and stops within SYNC_EVERY steps.
+    received = []
+    previous = {s: signal.signal(s, lambda signum, _: received.append(signum))
+                for s in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
         run_cli('byol.py', lambda args: train(args, received), get_parser(), argv)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 if __name__ == '__main__':

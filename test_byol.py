@@ -678,7 +678,7 @@ def test_a_run_resumes_in_another_precision(image_folder, tmp_path, capsys):
     assert run_main(byol, args + ['--amp', 'none', '--stop-at-step', '2'])[0] == 0
     code, stdout, err = run_main(byol, args + ['--amp', 'fp16', '--stop-at-step', '4'], capsys)
     assert code == 0, err  # a float32 checkpoint has no loss scale to load
-    assert 'steps 1-2 ran with --amp none; the run continues with --amp fp16' in stdout
+    assert 'steps 1-2 ran with --amp none, the rest --amp fp16' in stdout
     fp16 = load(out / 'checkpoint.pth')
     assert fp16['config']['amp'] == 'fp16' and fp16['scaler']['scale'] > 0
     # without --amp, a resumed run keeps its own precision (not this machine's default)
