@@ -988,6 +988,41 @@ def test_augment_batch_is_per_image():
     assert torch.allclose(whole, alone, atol=1e-5)
     assert whole.shape == (6, 3, 16, 16)
 
+
+def test_the_views_picture_shows_the_image_then_t_and_t_prime(tmp_path, capsys):
+    image = (torch.rand(3, 40, 48) * 255).to(torch.uint8)
+    n, seed = 6, 18  # seed 18: two of the six views are neither solarised nor blurred in T'
+    grid = augment.views_grid(image, n, seed=seed)
+    assert grid.shape == (3, 2 * 42 + 2, (n + 1) * 42 + 2)  # tiles of 40 (the shorter side) + 2
+    tiles = [[grid[:, 2 + 42 * r:42 * (r + 1), 2 + 42 * c:42 * (c + 1)] for c in range(n + 1)]
+             for r in range(2)]
+    centre = image[:, :, 4:44].float() / 255  # the centred 40 x 40 square, at its own size
+    assert torch.equal(tiles[0][0], centre) and torch.equal(tiles[1][0], centre)
+    # the same uniforms in both rows: T and T' views are equal exactly where T' draws the blur
+    # (10%) and no solarisation (20%); elsewhere they differ (T always blurs)
+    u = augment.uniforms(seed, 0, torch.arange(n), 1)[:, 0]
+    same = (u[:, augment.SLOT['blur']] < 0.1) & (u[:, augment.SLOT['solarize']] >= 0.2)
+    assert same.sum() == 2
+    for c in range(n):
+        assert torch.equal(tiles[0][c + 1], tiles[1][c + 1]) == same[c].item(), c
+        assert not torch.equal(tiles[0][c + 1], centre)
+    crops = augment.crops_of([image], augment.crop_boxes(u, 40, 48)[None], 40)[0]
+    mean, std = (torch.tensor(v).view(3, 1, 1) for v in (augment.MEAN, augment.STD))
+    for r, view in enumerate((augment.T, augment.T_PRIME)):  # top T, bottom T', un-normalised
+        views = augment.augment_batch(crops, u, view) * std + mean
+        assert all(torch.allclose(tiles[r][c + 1], views[c].clamp(0, 1)) for c in range(n))
+    # the command line: a PNG of that grid; one-line errors for a missing or unreadable image
+    torchvision.io.write_png(image, str(tmp_path / 'in.png'))
+    augment.main([str(tmp_path / 'in.png'), '--out', str(tmp_path / 'views.png'), '--n', '6',
+                  '--seed', '18'])
+    written = torchvision.io.read_image(str(tmp_path / 'views.png'))
+    assert torch.equal(written, (grid * 255).round().to(torch.uint8))
+    (tmp_path / 'bad.png').write_text('not an image')
+    for path, fragment in (('missing.png', 'no such file'), ('bad.png', 'cannot read image')):
+        with pytest.raises(SystemExit) as e:
+            augment.main([str(tmp_path / path), '--out', str(tmp_path / 'x.png')])
+        assert_one_line_error(e.value.code, capsys.readouterr().err, fragment)
+
 # ------------------------------------------------------------------------------------------------
 # augment.py: the pipeline (where each stage runs)
 # ------------------------------------------------------------------------------------------------
