@@ -52,7 +52,8 @@ AMP_CHOICES = ('bf16', 'fp16', 'none')  # autocast precisions, the same in every
 ENCODER_SETTINGS = ('arch', 'width', 'small_images', 'image_size')
 # Settings that define a run: a resumed run must use the same ones.
 RUN_SETTINGS = ('arch', 'width', 'small_images', 'image_size', 'hidden_dim', 'projection_dim',
-                'epochs', 'batch_size', 'lr', 'wd', 'tau', 'warmup_epochs', 'seed')
+                'epochs', 'batch_size', 'lr', 'wd', 'tau', 'warmup_epochs', 'seed',
+                'no_predictor')
 SYNC_EVERY = 5  # steps between the loop's host synchronisations (loss check, preemption flag)
 
 # ------------------------------------------------------------------------------------------------
@@ -180,12 +181,15 @@ class BYOL(nn.Module):
     representation of v1 under stop-gradient (its cross-entropy is added to the loss but reaches
     nothing else); its top-1 is what the official code reports."""
 
-    def __init__(self, encoder, feature_dim, hidden_dim=4096, projection_dim=256, n_classes=0):
+    def __init__(self, encoder, feature_dim, hidden_dim=4096, projection_dim=256, n_classes=0,
+                 predictor=True):
         super().__init__()
         self.online = nn.ModuleDict(dict(
             encoder=encoder,                                        # f_theta
             projector=mlp(feature_dim, hidden_dim, projection_dim),  # g_theta
             predictor=mlp(projection_dim, hidden_dim, projection_dim)))  # q_theta
+        if not predictor:  # ABLATION (--no-predictor, paper Table 5b): q is the identity, the
+            self.online['predictor'] = nn.Identity()  # online projection regresses the target's
         if n_classes:
             self.online['classifier'] = official_init(nn.Linear(feature_dim, n_classes))
         # DEVIATION (minor): the target starts as a copy of the online network, as the paper's
@@ -550,7 +554,8 @@ def train(args):
 
     # Networks, optimizer, mixed precision.
     encoder, feature_dim = build_encoder(args.arch, args.small_images, args.width)
-    byol = BYOL(encoder, feature_dim, args.hidden_dim, args.projection_dim, n_classes)
+    byol = BYOL(encoder, feature_dim, args.hidden_dim, args.projection_dim, n_classes,
+                predictor=not args.no_predictor)
     if world > 1:
         byol = synchronize_batchnorm(byol, device)
     memory_format = torch.channels_last if device.type == 'cuda' else torch.contiguous_format
@@ -734,6 +739,8 @@ def get_parser():
     a('--wd', type=nonnegative_float, help='LARS weight decay (preset)')
     a('--tau', type=fraction, help='base EMA rate tau of the target, cosine to 1 (preset)')
     a('--warmup-epochs', type=nonnegative_float, default=10, help='linear lr warmup (paper: 10)')
+    a('--no-predictor', action='store_true', help='ablation (paper Table 5b, 0.2%% top-1): no '
+      'predictor q, the online projection regresses the target projection directly')
     a('--data-on-device', action=argparse.BooleanOptionalAction, help='hold the dataset on the '
       'training device and crop there (default: on for named datasets and folders of at most '
       f'{augment.MAX_IN_MEMORY} images of one size)')

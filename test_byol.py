@@ -275,6 +275,22 @@ def test_tau_one_keeps_target_and_tau_zero_copies_online():
     assert len(target) == len(online) > 10
 
 
+def test_no_predictor_ablation_regresses_the_target_projection_directly(image_folder, tmp_path):
+    torch.manual_seed(0)
+    encoder, dim = byol.build_encoder('convnet', width=4)
+    model = byol.BYOL(encoder, dim, hidden_dim=32, projection_dim=16, predictor=False)
+    v1, v2 = torch.randn(4, 3, 16, 16), torch.randn(4, 3, 16, 16)
+    loss, _ = model(v1, v2)
+    z1, z2 = (model.online.projector(model.online.encoder(v)) for v in (v1, v2))
+    t1, t2 = (model.target.projector(model.target.encoder(v)) for v in (v1, v2))
+    assert loss.item() == pytest.approx(byol.symmetric_loss(z1, z2, t1, t2).item(), rel=1e-6)
+    assert not any(k.startswith('predictor') for k in model.online.state_dict())
+    assert run_main(byol, ['--data', image_folder, *TINY, '--epochs', '1', '--no-predictor',
+                           '--output-dir', tmp_path])[0] == 0
+    saved = load(tmp_path / 'checkpoint.pth')
+    assert saved['config']['no_predictor'] and not any('predictor' in k for k in saved['online'])
+
+
 def test_ema_update_is_tau_xi_plus_one_minus_tau_theta_and_skips_bn_statistics():
     model = perturbed(tiny_byol())
     model.train()
@@ -344,6 +360,9 @@ def test_tau_schedule_end_points_and_midpoint():
     assert byol.target_tau(500, 1000, 0.996) == pytest.approx((1 + 0.996) / 2)
     assert byol.target_tau(1000, 1000, 0.996) == pytest.approx(1.0)
     assert byol.target_tau(5000, 1000, 0.996) == pytest.approx(1.0)  # clipped at K
+    # base tau 1 (the fixed random target of the ablation): exactly 1 at every step, so the
+    # update xi <- 1 xi + 0 theta leaves the target bit for bit at its initialisation
+    assert all(byol.target_tau(k, 390, 1.0) == 1.0 for k in range(391))
     # 1 - (1 - 0.99) (cos(pi / 4) + 1) / 2 at k = K/4
     assert byol.target_tau(250, 1000, 0.99) == pytest.approx(
         1 - 0.01 * (math.sqrt(0.5) + 1) / 2)
