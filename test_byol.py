@@ -9,6 +9,7 @@ slow tests that pretrain on real data (marked slow).
 
 Numbers are checked against values computed by hand in the test, never against recorded outputs.
 """
+import ast
 import colorsys
 import contextlib
 import copy
@@ -16,6 +17,7 @@ import json
 import math
 import os
 import pickle
+import re
 import subprocess
 import sys
 from collections import Counter
@@ -2067,6 +2069,59 @@ def test_finetune_protocol_runs_the_grid_and_refits(image_folder, tmp_path, caps
         (lr, wd) for lr in (0.01, 0.1) for wd in (0.0, 1e-5)]
     assert result['val'] == max(result['val_by_lr_wd'].values())
     assert result['train_val_test'] == [58, 6, 16] and 0 <= result['test'] <= 100
+
+# ------------------------------------------------------------------------------------------------
+# README.md: the map from the paper to the code ("The paper in the code")
+# ------------------------------------------------------------------------------------------------
+SCRIPTS = {'byol.py': byol, 'augment.py': augment, 'linear_eval.py': linear_eval,
+           'semi_sup.py': semi_sup, 'transfer.py': transfer}
+MAP_ENTRY = re.compile(r'`(\w+\.py): ([\w.]+)`')  # `file.py: name`
+
+
+def paper_map():
+    """The README's map -> (every `file.py: name` it gives, Counter of the (file, top-level
+    name) of its DEVIATION rows, '| | DEVIATION `file.py: name`: why |')."""
+    section = (HERE / 'README.md').read_text().split('\n## The paper in the code\n')[1]
+    section = section.split('\n## ')[0]
+    names = MAP_ENTRY.findall(section)
+    deviations = Counter((file, name.split('.')[0]) for line in section.splitlines()
+                         if line.startswith('| | DEVIATION')  # a row beneath its passage
+                         for file, name in MAP_ENTRY.findall(line))
+    return names, deviations
+
+
+def code_deviations():
+    """Counter of (file, the top-level function, class or assignment holding it) over every
+    DEVIATION in the five scripts."""
+    found = Counter()
+    for file in SCRIPTS:
+        source = (HERE / file).read_text()
+        body = ast.parse(source).body
+        for number, line in enumerate(source.splitlines(), 1):
+            if 'DEVIATION' not in line:
+                continue
+            # the statement that holds the line, or (module level) the first one after it
+            stmt = next(s for s in body if s.end_lineno >= number)
+            name = getattr(stmt, 'name', None) or stmt.targets[0].id
+            found[file, name] += 1
+    return found
+
+
+def test_the_readme_map_names_what_exists_and_every_deviation():
+    names, deviations = paper_map()
+    assert len(names) > 60
+    for file, name in names:
+        assert file in SCRIPTS, f'{file}: not one of the five scripts'
+        obj = SCRIPTS[file]
+        for part in name.split('.'):
+            assert hasattr(obj, part), f'README names {file}: {name}, which does not exist'
+            obj = getattr(obj, part)
+    code = code_deviations()
+    assert sum(code.values()) >= 12
+    assert deviations == code, (f'DEVIATIONs in the code, not in the README map: '
+                                f'{code - deviations}; in the map, not in the code: '
+                                f'{deviations - code}')
+
 
 # ------------------------------------------------------------------------------------------------
 # Slow: learning on real data, CIFAR-10 as an image folder (pytest -m slow; 7-9 min on 2 cores)
