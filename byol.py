@@ -53,7 +53,7 @@ ENCODER_SETTINGS = ('arch', 'width', 'small_images', 'image_size')
 # Settings that define a run: a resumed run must use the same ones.
 RUN_SETTINGS = ('arch', 'width', 'small_images', 'image_size', 'hidden_dim', 'projection_dim',
                 'epochs', 'batch_size', 'lr', 'wd', 'tau', 'warmup_epochs', 'seed',
-                'no_predictor')
+                'no_predictor', 'constant_tau')
 SYNC_EVERY = 5  # steps between the loop's host synchronisations (loss check, preemption flag)
 
 # ------------------------------------------------------------------------------------------------
@@ -608,7 +608,7 @@ def train(args):
                 scaler.scale(loss).backward()
                 scaler.step(optimizer)                   # online: theta <- LARS(theta, grad)
                 scaler.update()
-                tau = target_tau(step, total_steps, args.tau)
+                tau = args.tau if args.constant_tau else target_tau(step, total_steps, args.tau)
                 byol.update_target(tau)                  # target: xi <- tau xi + (1 - tau) theta
                 step += 1
                 window += (counted := torch.cat([monitor, monitor.new_ones(1)]))  # and steps
@@ -741,6 +741,9 @@ def get_parser():
     a('--warmup-epochs', type=nonnegative_float, default=10, help='linear lr warmup (paper: 10)')
     a('--no-predictor', action='store_true', help='ablation (paper Table 5b, 0.2%% top-1): no '
       'predictor q, the online projection regresses the target projection directly')
+    a('--constant-tau', action='store_true', help='ablation: tau stays at --tau, without the '
+      'cosine to 1 (--tau 0: the target is the online network under stop-gradient, paper '
+      'Table 5a, 0.3%% top-1)')
     a('--data-on-device', action=argparse.BooleanOptionalAction, help='hold the dataset on the '
       'training device and crop there (default: on for named datasets and folders of at most '
       f'{augment.MAX_IN_MEMORY} images of one size)')

@@ -293,6 +293,19 @@ def test_no_predictor_ablation_regresses_the_target_projection_directly(image_fo
     assert saved['config']['no_predictor'] and not any('predictor' in k for k in saved['online'])
 
 
+def test_constant_tau_zero_makes_the_target_the_online_network(image_folder, tmp_path):
+    # the ablation 'stop-gradient of online' (paper Table 5a): tau = 0 at every step, not the
+    # cosine from 0 to 1 that --tau 0 alone gives
+    assert run_main(byol, ['--data', image_folder, *TINY, '--epochs', '1', '--tau', '0',
+                           '--constant-tau', '--output-dir', tmp_path])[0] == 0
+    saved = load(tmp_path / 'checkpoint.pth')
+    params = [k for k in saved['target'] if not k.endswith(('running_mean', 'running_var',
+                                                             'num_batches_tracked'))]
+    assert len(params) > 10 and all(torch.equal(saved['target'][k], saved['online'][k])
+                                    for k in params)
+    assert json.loads(open(tmp_path / 'log.jsonl').read())['tau'] == 0.0
+
+
 def test_ema_update_is_tau_xi_plus_one_minus_tau_theta_and_skips_bn_statistics():
     model = perturbed(tiny_byol())
     model.train()
