@@ -101,11 +101,13 @@ def main(argv=None):
     p.add_argument('--epochs', type=int, default=1, help='pretraining epochs (default: 1)')
     p.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2])
     p.add_argument('--threads', type=int, default=1, help='OMP_NUM_THREADS of every run')
-    p.add_argument('--rows', nargs='+', choices=list(ROWS), default=list(ROWS), metavar='ROW')
+    keys = {row[0]: name for name, row in ROWS.items()}
+    p.add_argument('--rows', nargs='+', choices=list(keys), default=list(keys),
+                   help='the rows to run, by folder name (default: all): ' + ', '.join(keys))
     p.add_argument('--out', type=Path, default=Path('runs/ablations'))
     args = p.parse_args(argv)
     args.out = args.out.absolute()
-    table = {name: [one(name, s, args) for s in args.seeds] for name in args.rows}
+    table = {keys[k]: [one(keys[k], s, args) for s in args.seeds] for k in args.rows}
 
     print(f'\n{args.epochs} epoch(s) of CIFAR-10 (convnet w=16, batch 128), seeds '
           f'{" / ".join(map(str, args.seeds))}; {args.threads} thread(s)\n')
