@@ -102,7 +102,7 @@ def main(argv=None):
     p.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2])
     p.add_argument('--threads', type=int, default=1, help='OMP_NUM_THREADS of every run')
     keys = {row[0]: name for name, row in ROWS.items()}
-    p.add_argument('--rows', nargs='+', choices=list(keys), default=list(keys),
+    p.add_argument('--rows', nargs='+', choices=list(keys), default=list(keys), metavar='ROW',
                    help='the rows to run, by folder name (default: all): ' + ', '.join(keys))
     p.add_argument('--out', type=Path, default=Path('runs/ablations'))
     args = p.parse_args(argv)
