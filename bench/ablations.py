@@ -94,6 +94,13 @@ def mean_spread(values):
     return f'{statistics.mean(values):.1f} ± {spread:.1f}', ' / '.join(f'{v:.1f}' for v in values)
 
 
+def minutes(seconds):
+    """'3.0-3.4 min' over the seeds' runs ('-' for none)."""
+    low, high = min(seconds) / 60, max(seconds) / 60
+    return '-' if not high else f'{low:.1f} min' if f'{low:.1f}' == f'{high:.1f}' else \
+        f'{low:.1f}-{high:.1f} min'
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     p.add_argument('--data', default=str(HERE.parent / 'shared' / 'data' / 'cifar10'),
@@ -112,16 +119,15 @@ def main(argv=None):
     print(f'\n{args.epochs} epoch(s) of CIFAR-10 (convnet w=16, batch 128), seeds '
           f'{" / ".join(map(str, args.seeds))}; {args.threads} thread(s)\n')
     print('| run | paper, ImageNet top-1 | linear probe top-1 (%) | per seed | kNN top-1 (%) | '
-          'z_std x sqrt(d) | pretraining / probe time |')
+          'z_std x sqrt(d) | time: pretraining / probe |')
     print('|---|---|---|---|---|---|---|')
     for name, records in table.items():
         top1, per_seed = mean_spread([r['top1'] for r in records])
         knn, _ = mean_spread([r['knn_top1'] for r in records])
         z = ' / '.join(f'{r["z_std"] * 128 ** 0.5:.2f}' for r in records if 'z_std' in r)
-        train = statistics.mean(r['train_s'] for r in records) / 60
-        probe = statistics.mean(r['probe_s'] for r in records) / 60
+        train, probe = (minutes([r[k] for r in records]) for k in ('train_s', 'probe_s'))
         print(f'| {name} | {ROWS[name][2] or "-"} | **{top1}** | {per_seed} | {knn} | {z or "-"} | '
-              + (f'{train:.1f} min / ' if train else '- / ') + f'{probe:.1f} min |')
+              f'{train} / {probe} |')
 
 
 if __name__ == '__main__':
