@@ -24,7 +24,10 @@ Usage (what byol.py does):
     loader.set_epoch(epoch)
     for views, labels, indices in loader:                      # views (2, B, 3, 224, 224)
         v1, v2 = views                                         # v1 ~ T, v2 ~ T', normalised
+
+Command: python augment.py IMAGE --out views.png   (a picture of T and T': README, "T and T'")
 """
+import argparse
 import contextlib
 import functools
 import io
@@ -824,3 +827,56 @@ def batches(images, size, batch_size, mode, seed=0, device=torch.device('cpu'), 
     pipeline = Pipeline(images, size, mode, seed, device, on_device, center_fraction, dtype)
     return Batches(pipeline, batch_size, workers, shuffle=mode != 'eval'), \
         f'{len(images)} images on {device.type}, {where}'
+
+# ------------------------------------------------------------------------------------------------
+# The command line: a picture of T and T' (python augment.py IMAGE --out views.png)
+# ------------------------------------------------------------------------------------------------
+
+
+def views_grid(image, n=8, size=None, seed=0):
+    """One uint8 image (3, H, W) -> a grid (3, h, w) in [0, 1] of two rows: its centred square,
+    then n views under T (top) and under T' (bottom), S x S each (default: the shorter side, at
+    most 224). Both rows use the same uniform numbers, so they differ only where T and T' do:
+    blur (always in T, 10% in T') and solarize (only in T', 20%)."""
+    height, width = image.shape[-2:]
+    size = size or min(224, height, width)
+    u = uniforms(seed, 0, torch.arange(n), n_views=1)[:, 0]                      # (n, N_SLOTS)
+    boxes = torch.cat([center_crop_boxes(height, width, 1, fraction=1.0),
+                       crop_boxes(u, height, width)])                            # (1 + n, 4)
+    crops = crops_of([image], boxes[None], size)[0]                    # (1 + n, 3, S, S) uint8
+    mean, std = (torch.tensor(s).view(1, 3, 1, 1) for s in (MEAN, STD))
+    rows = [torch.cat([crops[:1] / 255, augment_batch(crops[1:], u, view) * std + mean])
+            for view in (T, T_PRIME)]                                  # views un-normalised
+    return torchvision.utils.make_grid(torch.cat(rows).clamp(0, 1), nrow=n + 1, pad_value=1)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog='augment.py', description='Draw one image under T and T\' '
+                                '(paper Table 6) into a PNG grid: top row T, bottom row T\'.')
+    p.add_argument('image', help='a JPEG or PNG (any size)')
+    p.add_argument('--out', default='views.png', help='the PNG to write (default: views.png)')
+    p.add_argument('--n', type=int, default=8, help='views per row (default: 8)')
+    p.add_argument('--size', type=int, help='view size (default: the shorter side, <= 224)')
+    p.add_argument('--seed', type=int, default=0, help='seeds the views')
+    args = p.parse_args(argv)
+    try:
+        if not Path(args.image).is_file():
+            raise UserError(f'{args.image}: no such file')
+        try:
+            image = decode(torchvision.io.read_file(args.image))
+        except Exception as e:
+            raise UserError(f'cannot read image {args.image} ({str(e).strip()[:150]})') from None
+        grid = views_grid(image, args.n, args.size, args.seed)
+        try:
+            torchvision.io.write_png((grid * 255).round().to(torch.uint8), args.out)
+        except Exception as e:
+            raise UserError(f'cannot write {args.out} ({str(e).strip()[:150]})') from None
+    except UserError as e:
+        print(f'augment.py: error: {e}', file=sys.stderr)
+        sys.exit(2)
+    print(f'{args.out}: the original, then {args.n} views under T (top) and T\' (bottom), '
+          f'{grid.shape[-1]}x{grid.shape[-2]} px')
+
+
+if __name__ == '__main__':
+    main()

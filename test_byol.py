@@ -9,6 +9,7 @@ slow tests that pretrain on real data (marked slow).
 
 Numbers are checked against values computed by hand in the test, never against recorded outputs.
 """
+import ast
 import colorsys
 import contextlib
 import copy
@@ -16,6 +17,7 @@ import json
 import math
 import os
 import pickle
+import re
 import signal
 import subprocess
 import sys
@@ -276,6 +278,35 @@ def test_tau_one_keeps_target_and_tau_zero_copies_online():
     assert len(target) == len(online) > 10
 
 
+def test_no_predictor_ablation_regresses_the_target_projection_directly(image_folder, tmp_path):
+    torch.manual_seed(0)
+    encoder, dim = byol.build_encoder('convnet', width=4)
+    model = byol.BYOL(encoder, dim, hidden_dim=32, projection_dim=16, predictor=False)
+    v1, v2 = torch.randn(4, 3, 16, 16), torch.randn(4, 3, 16, 16)
+    loss, _ = model(v1, v2)
+    z1, z2 = (model.online.projector(model.online.encoder(v)) for v in (v1, v2))
+    t1, t2 = (model.target.projector(model.target.encoder(v)) for v in (v1, v2))
+    assert loss.item() == pytest.approx(byol.symmetric_loss(z1, z2, t1, t2).item(), rel=1e-6)
+    assert not any(k.startswith('predictor') for k in model.online.state_dict())
+    assert run_main(byol, ['--data', image_folder, *TINY, '--epochs', '1', '--no-predictor',
+                           '--output-dir', tmp_path])[0] == 0
+    saved = load(tmp_path / 'checkpoint.pth')
+    assert saved['config']['no_predictor'] and not any('predictor' in k for k in saved['online'])
+
+
+def test_constant_tau_zero_makes_the_target_the_online_network(image_folder, tmp_path):
+    # the ablation 'stop-gradient of online' (paper Table 5a): tau = 0 at every step, not the
+    # cosine from 0 to 1 that --tau 0 alone gives
+    assert run_main(byol, ['--data', image_folder, *TINY, '--epochs', '1', '--tau', '0',
+                           '--constant-tau', '--output-dir', tmp_path])[0] == 0
+    saved = load(tmp_path / 'checkpoint.pth')
+    params = [k for k in saved['target'] if not k.endswith(('running_mean', 'running_var',
+                                                             'num_batches_tracked'))]
+    assert len(params) > 10 and all(torch.equal(saved['target'][k], saved['online'][k])
+                                    for k in params)
+    assert json.loads(open(tmp_path / 'log.jsonl').read())['tau'] == 0.0
+
+
 def test_ema_update_is_tau_xi_plus_one_minus_tau_theta_and_skips_bn_statistics():
     model = perturbed(tiny_byol())
     model.train()
@@ -345,6 +376,9 @@ def test_tau_schedule_end_points_and_midpoint():
     assert byol.target_tau(500, 1000, 0.996) == pytest.approx((1 + 0.996) / 2)
     assert byol.target_tau(1000, 1000, 0.996) == pytest.approx(1.0)
     assert byol.target_tau(5000, 1000, 0.996) == pytest.approx(1.0)  # clipped at K
+    # base tau 1 (the fixed random target of the ablation): exactly 1 at every step, so the
+    # update xi <- 1 xi + 0 theta leaves the target bit for bit at its initialisation
+    assert all(byol.target_tau(k, 390, 1.0) == 1.0 for k in range(391))
     # 1 - (1 - 0.99) (cos(pi / 4) + 1) / 2 at k = K/4
     assert byol.target_tau(250, 1000, 0.99) == pytest.approx(
         1 - 0.01 * (math.sqrt(0.5) + 1) / 2)
@@ -1108,6 +1142,41 @@ def test_augment_batch_is_per_image():
                        for i in range(6)])
     assert torch.allclose(whole, alone, atol=1e-5)
     assert whole.shape == (6, 3, 16, 16)
+
+
+def test_the_views_picture_shows_the_image_then_t_and_t_prime(tmp_path, capsys):
+    image = (torch.rand(3, 40, 48) * 255).to(torch.uint8)
+    n, seed = 6, 18  # seed 18: two of the six views are neither solarised nor blurred in T'
+    grid = augment.views_grid(image, n, seed=seed)
+    assert grid.shape == (3, 2 * 42 + 2, (n + 1) * 42 + 2)  # tiles of 40 (the shorter side) + 2
+    tiles = [[grid[:, 2 + 42 * r:42 * (r + 1), 2 + 42 * c:42 * (c + 1)] for c in range(n + 1)]
+             for r in range(2)]
+    centre = image[:, :, 4:44].float() / 255  # the centred 40 x 40 square, at its own size
+    assert torch.equal(tiles[0][0], centre) and torch.equal(tiles[1][0], centre)
+    # the same uniforms in both rows: T and T' views are equal exactly where T' draws the blur
+    # (10%) and no solarisation (20%); elsewhere they differ (T always blurs)
+    u = augment.uniforms(seed, 0, torch.arange(n), 1)[:, 0]
+    same = (u[:, augment.SLOT['blur']] < 0.1) & (u[:, augment.SLOT['solarize']] >= 0.2)
+    assert same.sum() == 2
+    for c in range(n):
+        assert torch.equal(tiles[0][c + 1], tiles[1][c + 1]) == same[c].item(), c
+        assert not torch.equal(tiles[0][c + 1], centre)
+    crops = augment.crops_of([image], augment.crop_boxes(u, 40, 48)[None], 40)[0]
+    mean, std = (torch.tensor(v).view(3, 1, 1) for v in (augment.MEAN, augment.STD))
+    for r, view in enumerate((augment.T, augment.T_PRIME)):  # top T, bottom T', un-normalised
+        views = augment.augment_batch(crops, u, view) * std + mean
+        assert all(torch.allclose(tiles[r][c + 1], views[c].clamp(0, 1)) for c in range(n))
+    # the command line: a PNG of that grid; one-line errors for a missing or unreadable image
+    torchvision.io.write_png(image, str(tmp_path / 'in.png'))
+    augment.main([str(tmp_path / 'in.png'), '--out', str(tmp_path / 'views.png'), '--n', '6',
+                  '--seed', '18'])
+    written = torchvision.io.read_image(str(tmp_path / 'views.png'))
+    assert torch.equal(written, (grid * 255).round().to(torch.uint8))
+    (tmp_path / 'bad.png').write_text('not an image')
+    for path, fragment in (('missing.png', 'no such file'), ('bad.png', 'cannot read image')):
+        with pytest.raises(SystemExit) as e:
+            augment.main([str(tmp_path / path), '--out', str(tmp_path / 'x.png')])
+        assert_one_line_error(e.value.code, capsys.readouterr().err, fragment)
 
 # ------------------------------------------------------------------------------------------------
 # augment.py: the pipeline (where each stage runs)
@@ -2183,6 +2252,59 @@ def test_finetune_protocol_runs_the_grid_and_refits(image_folder, tmp_path, caps
         (lr, wd) for lr in (0.01, 0.1) for wd in (0.0, 1e-5)]
     assert result['val'] == max(result['val_by_lr_wd'].values())
     assert result['train_val_test'] == [58, 6, 16] and 0 <= result['test'] <= 100
+
+# ------------------------------------------------------------------------------------------------
+# README.md: the map from the paper to the code ("The paper in the code")
+# ------------------------------------------------------------------------------------------------
+SCRIPTS = {'byol.py': byol, 'augment.py': augment, 'linear_eval.py': linear_eval,
+           'semi_sup.py': semi_sup, 'transfer.py': transfer}
+MAP_ENTRY = re.compile(r'`(\w+\.py): ([\w.]+)`')  # `file.py: name`
+
+
+def paper_map():
+    """The README's map -> (every `file.py: name` it gives, Counter of the (file, top-level
+    name) of its DEVIATION rows, '| | DEVIATION `file.py: name`: why |')."""
+    section = (HERE / 'README.md').read_text().split('\n## The paper in the code\n')[1]
+    section = section.split('\n## ')[0]
+    names = MAP_ENTRY.findall(section)
+    deviations = Counter((file, name.split('.')[0]) for line in section.splitlines()
+                         if line.startswith('| | DEVIATION')  # a row beneath its passage
+                         for file, name in MAP_ENTRY.findall(line))
+    return names, deviations
+
+
+def code_deviations():
+    """Counter of (file, the top-level function, class or assignment holding it) over every
+    DEVIATION in the five scripts."""
+    found = Counter()
+    for file in SCRIPTS:
+        source = (HERE / file).read_text()
+        body = ast.parse(source).body
+        for number, line in enumerate(source.splitlines(), 1):
+            if 'DEVIATION' not in line:
+                continue
+            # the statement that holds the line, or (module level) the first one after it
+            stmt = next(s for s in body if s.end_lineno >= number)
+            name = getattr(stmt, 'name', None) or stmt.targets[0].id
+            found[file, name] += 1
+    return found
+
+
+def test_the_readme_map_names_what_exists_and_every_deviation():
+    names, deviations = paper_map()
+    assert len(names) > 60
+    for file, name in names:
+        assert file in SCRIPTS, f'{file}: not one of the five scripts'
+        obj = SCRIPTS[file]
+        for part in name.split('.'):
+            assert hasattr(obj, part), f'README names {file}: {name}, which does not exist'
+            obj = getattr(obj, part)
+    code = code_deviations()
+    assert sum(code.values()) >= 12
+    assert deviations == code, (f'DEVIATIONs in the code, not in the README map: '
+                                f'{code - deviations}; in the map, not in the code: '
+                                f'{deviations - code}')
+
 
 # ------------------------------------------------------------------------------------------------
 # Slow: learning on real data, CIFAR-10 as an image folder (pytest -m slow; 7-9 min on 2 cores)
