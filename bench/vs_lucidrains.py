@@ -66,6 +66,7 @@ def train_ours(args, seed, out):
 
 def train_lucidrains(args, seed, out, data):
     from byol_pytorch.byol_pytorch import BYOL  # installed for this comparison only
+    Path(out).mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     encoder, _ = byol.build_encoder('convnet', small_images=True, width=args.width)
     learner = BYOL(encoder, image_size=data.shape[-1], hidden_layer=-1)  # its README, our f
