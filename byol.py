@@ -582,7 +582,7 @@ def train(args, received):
         model = torch.compile(model)
     if is_main():
         out.mkdir(parents=True, exist_ok=True)
-    log('recipe: ' + (f'short run ({args.epochs} epochs, under the paper\'s shortest preset; '
+    log('recipe: ' + (f'short run (--epochs {args.epochs} < 40, the paper\'s shortest preset; '
         'README.md, "Short runs")' if args.epochs < 40 else 'the paper\'s preset') + '; flags win')
     log('config: ' + json.dumps(config, sort_keys=True))
     log(f'{where}; {world} process(es), {steps_per_epoch} steps of {args.batch_size} per epoch, '

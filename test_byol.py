@@ -741,7 +741,7 @@ def test_eval_every_logs_the_monitors_accuracy(image_folder, tmp_path, capsys):
     code, stdout, _ = run_main(byol, ['--data', image_folder, *TINY, '--epochs', '2',
                                       '--eval-every', '1', '--output-dir', tmp_path], capsys)
     assert code == 0
-    assert stdout.startswith('recipe: short run (2 epochs')  # which recipe, and why, first
+    assert stdout.startswith('recipe: short run (--epochs 2 < 40,')  # which recipe, and why, first
     records = [json.loads(line) for line in open(tmp_path / 'log.jsonl')]
     assert [r['epoch'] for r in records] == [0, 1]
     steps = [line for line in stdout.splitlines() if line.startswith('step ')]
@@ -853,8 +853,11 @@ RECIPE = ('lr', 'wd', 'tau', 'warmup_epochs', 'hidden_dim', 'projection_dim')
 
 
 def test_short_runs_take_the_short_run_recipe_and_the_paper_presets_stay(image_folder):
+    images = augment.load_images(str(image_folder))  # (read once: its size check is cached)
+
     def recipe(*argv):
-        return tuple(getattr(resolved(image_folder, *argv), k) for k in RECIPE)
+        args = byol.get_parser().parse_args(['--data', str(image_folder), *map(str, argv)])
+        return tuple(getattr(byol.resolve_config(args, images), k) for k in RECIPE)
     # the paper's presets (official configs/byol.py) at their epoch counts, untouched
     for epochs, preset in ((40, (0.45, 1e-6, 0.97)), (100, (0.45, 1e-6, 0.99)),
                            (300, (0.3, 1e-6, 0.99)), (1000, (0.2, 1.5e-6, 0.996))):
