@@ -9,7 +9,9 @@ exported encoder). Three rows per seed:
                (one set of random parameters per batch), its default heads (hidden 4096,
                projection 256) and its EMA (decay 0.99, constant).
 byol-pytorch is needed only here (`pip install byol-pytorch`); nothing else in the project
-imports it. Results: bench/RESULTS.md ("byol.py vs lucidrains byol-pytorch").
+imports it. Results: bench/RESULTS.md ("byol.py vs lucidrains byol-pytorch"). Measured: CIFAR-10
+folder, convnet w=16, 1 epoch (390 x 128, about 3.2 CPU-minutes each on one vCPU), seeds 0 / 1,
+linear top-1: random init 42.0 +- 0.5%, byol.py 44.4 +- 2.5%, lucidrains 44.3 +- 0.9% (a tie).
 
     python bench/vs_lucidrains.py --data ../shared/data/cifar10 --seeds 0 1 --epochs 1
     taskset -c 1 env OMP_NUM_THREADS=1 python bench/vs_lucidrains.py ...   # one core, as measured
