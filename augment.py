@@ -774,8 +774,8 @@ class Batches:
         if workers == 0:
             return 0, None
         p = self.pipeline
-        views_made = p.split == len(STAGES)  # the loader also makes the (float) views
-        batch = self.batch_size * MODES[p.mode] * 3 * p.size ** 2 * (p.dtype.itemsize if views_made else 1)
+        item = p.dtype.itemsize if p.split == len(STAGES) else 1  # float views, or uint8 crops
+        batch = self.batch_size * MODES[p.mode] * 3 * p.size ** 2 * item
         try:
             shm = os.statvfs('/dev/shm')
             budget = shm.f_bavail * shm.f_frsize // 2

@@ -8,8 +8,7 @@ The method and its loop, in the paper's order; the data side (image sources, T a
 loader) is augment.py; evaluation is linear_eval.py, semi_sup.py and transfer.py.
 
 Commands
-    python byol.py --data cifar10 --data-root DIR --arch convnet --epochs 10 --batch-size 256
-        (CPU or one GPU; see README.md for the CPU quick start on a CIFAR-10 image folder)
+    python byol.py --data cifar10 --data-root DIR --arch convnet --batch-size 256 --epochs 10 # CPU
     python byol.py --data /imagenet                    # one GPU, paper defaults (1000 epochs)
     torchrun --nproc_per_node=8 byol.py --data /imagenet --output-dir runs/r50
         (several nodes, SLURM and preemption: README.md)
@@ -43,6 +42,9 @@ from augment import UserError
 # epochs: (base lr, weight decay, base tau), from the official configs/byol.py (SPEC.md section 0).
 PRESETS = {40: (0.45, 1e-6, 0.97), 100: (0.45, 1e-6, 0.99), 300: (0.3, 1e-6, 0.99),
            1000: (0.2, 1.5e-6, 0.996)}
+# DEVIATION: runs under 40 epochs (no paper preset) take the short-run recipe (README.md, "Short
+# runs"): these, warmup epochs / 10 (10 would fill the run), g and q sized to f (resolve_config).
+SHORT_RUN = (4.0, 1e-6, 0.99)
 ARCHS = ('resnet18', 'resnet34', 'resnet50', 'resnet101', 'resnet152', 'resnet200', 'convnet')
 AMP_DTYPES = {'bf16': torch.bfloat16, 'fp16': torch.float16, 'none': torch.float32}
 AMP_CHOICES = tuple(AMP_DTYPES)  # autocast precisions, the same in every script
@@ -562,12 +564,15 @@ def train(args, received):
         torch.set_rng_state(checkpoint['rng']['torch'])
         step = checkpoint['step']
         if saved.get('amp') != args.amp:
-            log(f'note: steps 1-{step} ran with --amp {saved.get("amp")}, the rest --amp {args.amp}')
+            log(f'note: steps 1-{step} ran with --amp {saved.get("amp")}, the rest '
+                f'--amp {args.amp}')
         del checkpoint
     model = DistributedDataParallel(byol, device_ids=[device] if device.type == 'cuda' else None) \
         if world > 1 else byol
     if args.compile:  # the forward and backward of both networks; the EMA and LARS stay eager
         model = torch.compile(model)
+    log('recipe: ' + (f'short run (--epochs {args.epochs} < 40, the paper\'s shortest preset; '
+        'README.md, "Short runs")' if args.epochs < 40 else 'the paper\'s preset') + '; flags win')
     log('config: ' + json.dumps(config, sort_keys=True))
     log(f'{where}; {world} process(es), {steps_per_epoch} steps of {args.batch_size} per epoch, '
         f'{total_steps} steps, peak lr {peak_lr:g}, '
@@ -628,16 +633,14 @@ def train(args, received):
                 break
 
         if step % steps_per_epoch == 0:  # the epoch is complete
-            loss, z_std, top1 = (all_reduce_sum(epoch_sums[:3]) / world /
-                                 epoch_sums[3]).tolist()
+            loss, z_std, top1 = (all_reduce_sum(epoch_sums[:3]) / world / epoch_sums[3]).tolist()
             record = dict(epoch=epoch, step=step, loss=loss, lr=lr, tau=tau, z_std=z_std,
                           time=time.time() - start_time)
             if n_classes:
                 record['train_top1'] = 100 * top1
             if val and (epoch + 1) % args.eval_every == 0:
                 record['val_top1'] = classifier_top1(byol.online, val, device, args.amp)
-                log(f'epoch {epoch}: the monitor\'s validation top-1 '
-                    f'{record["val_top1"]:.2f}%')
+                log(f'epoch {epoch}: the monitor\'s validation top-1 {record["val_top1"]:.2f}%')
             save_checkpoint(out / 'checkpoint.pth', byol, optimizer, scaler, step, config)
             if is_main():
                 with open(out / 'log.jsonl', 'a') as f:
@@ -708,61 +711,59 @@ def get_parser():
     a('--data-root', default='data', help='where named datasets live (default: ./data)')
     a('--download', action='store_true', help='download a named dataset if it is missing')
     a('--arch', default='resnet50', choices=ARCHS, help='encoder f (paper: resnet50)')
-    a('--width', type=positive_int, help='ResNet channel multiplier, 1, 2 or 4 (paper Table 1b; '
-      'default 1); for convnet, the first layer width (default 32)')
+    a('--width', type=positive_int, help='ResNet multiplier 1, 2, 4 (Table 1b; default 1); '
+      'convnet: the first layer width (default 32)')
     a('--small-images', action=argparse.BooleanOptionalAction, help='3x3 stride-1 stem and no '
       'max-pool (default: on when --image-size <= 64)')
     a('--image-size', type=positive_int, help='crop size (paper: 224; default: 224, or the native '
       'size of a dataset whose images all share one smaller size, e.g. CIFAR\'s 32)')
-    a('--hidden-dim', type=positive_int, default=4096, help='g and q hidden width (paper: 4096)')
-    a('--projection-dim', type=positive_int, default=256, help='projection width (paper: 256)')
+    a('--hidden-dim', type=positive_int, help='g, q hidden (paper: 4096; short runs: 4x dim y)')
+    a('--projection-dim', type=positive_int, help='output of g, q (paper: 256; short runs: dim y)')
     a('--epochs', type=positive_int, default=1000, help='paper headline: 1000; sets the preset '
       'of --lr, --wd and --tau: ' + ', '.join(f'{e} ep: {v}' for e, v in PRESETS.items()) +
-      ' (the smallest preset with at least this many epochs)')
-    a('--batch-size', type=positive_int, default=4096, help='global batch over all processes '
-      '(paper: 4096)')
+      f' (the smallest preset with at least this many epochs); short runs: {SHORT_RUN}')
+    a('--batch-size', type=positive_int, default=4096, help='global batch (paper: 4096)')
     a('--lr', type=positive_float, help='base lr; peak lr = lr x batch / 256 (preset)')
     a('--wd', type=nonnegative_float, help='LARS weight decay (preset)')
     a('--tau', type=fraction, help='base EMA rate tau of the target, cosine to 1 (preset)')
-    a('--warmup-epochs', type=nonnegative_float, default=10, help='linear lr warmup (paper: 10)')
+    a('--warmup-epochs', type=nonnegative_float, help='lr warmup (paper: 10; short: epochs / 10)')
     a('--no-predictor', action='store_true', help='ablation (paper Table 5b): q is the identity')
     a('--constant-tau', action='store_true', help='ablation: tau stays --tau, no cosine to 1 '
       '(--tau 0: the target is the online network under stop-gradient, paper Table 5a)')
     a('--data-on-device', action=argparse.BooleanOptionalAction, help='hold the dataset on the '
-      'training device and crop there (default: on for named datasets and folders of at most '
-      f'{augment.MAX_IN_MEMORY} images of one size)')
+      f'device, crop there (default: named datasets, folders of <= {augment.MAX_IN_MEMORY})')
     a('--decode-on-device', action='store_true', help='decode JPEGs on the GPU (nvJPEG, '
       'batched) and crop there; the loader only reads files (image folders only)')
     a('--compile', action='store_true', help='torch.compile the networks (opt-in: DDP with '
       'synchronised BN under compile has open upstream failure reports)')
     a('--workers', type=nonnegative_int, help='data-loader processes per process (default: '
       'the cores it may use, shared among the node\'s processes, less one)')
-    a('--seed', type=int, default=0, help='seeds the initialisation, the data order and every '
-      'augmentation')
-    a('--amp', choices=AMP_CHOICES, help='autocast precision (default: bf16 on GPUs and on CPUs '
-      'with AMX, where it is faster, else none; a resumed run keeps its own)')
+    a('--seed', type=int, default=0, help='seeds the initialisation, data order, augmentations')
+    a('--amp', choices=AMP_CHOICES, help='autocast precision (default: bf16 where native, GPUs '
+      'from Ampere on and CPUs with AMX, else none; a resumed run keeps its own)')
     a('--output-dir', default='runs/byol', help='checkpoint.pth, encoder.pth, log.jsonl')
     a('--resume', help='checkpoint to resume from (default: <output-dir>/checkpoint.pth)')
-    a('--stop-at-step', type=positive_int, help='save and stop after this global step; the '
-      'schedules stay those of the full run (for preemptible queues)')
+    a('--stop-at-step', type=positive_int, help='save and stop after this step (the schedules '
+      'stay those of the full run)')
     a('--log-every', type=positive_int, default=20, help='steps between progress lines')
-    a('--eval-every', type=nonnegative_int, default=0, help='every N epochs, the validation '
-      'top-1 of the monitor (the official online classifier on the frozen representation) on '
-      'the labelled split (named datasets: test; folders: DATA/val); 0: never')
+    a('--eval-every', type=nonnegative_int, default=0, help='every N epochs, the monitor\'s '
+      'validation top-1 (named datasets: test; folders: DATA/val); 0: never')
     return p
 
 
 def resolve_config(args, images, saved=None):
-    """Fill the defaults that depend on other settings or on the data: presets by epochs, image
-    size and stem (augment.default_image_size), width, precision (that of `saved`, the resumed
-    checkpoint's configuration, if any), workers."""
-    preset = next((PRESETS[e] for e in sorted(PRESETS) if e >= args.epochs), PRESETS[1000])
-    for name, value in zip(('lr', 'wd', 'tau'), preset):
-        if getattr(args, name) is None:
-            setattr(args, name, value)
+    """Fill the defaults that depend on other settings or on the data: image size and stem
+    (augment.default_image_size), width, the recipe by epochs (a paper preset, or the short-run
+    recipe under 40), precision (that of `saved`, the resumed checkpoint's config), workers."""
     args.image_size = args.image_size or augment.default_image_size(images)  # (None: not given)
     args.small_images = args.image_size <= 64 if args.small_images is None else args.small_images
     args.width = args.width or (32 if args.arch == 'convnet' else 1)
+    dim = 8 * args.width if args.arch == 'convnet' else 512 * args.width * RESNET_LAYERS[
+        args.arch][0].expansion  # f's feature width (build_encoder), which sizes short runs' heads
+    recipe = SHORT_RUN + (args.epochs / 10, min(4096, 4 * dim), min(256, dim)) if args.epochs < 40 \
+        else PRESETS[min((e for e in PRESETS if e >= args.epochs), default=1000)] + (10, 4096, 256)
+    names = ('lr', 'wd', 'tau', 'warmup_epochs', 'hidden_dim', 'projection_dim')
+    vars(args).update({k: v for k, v in zip(names, recipe) if getattr(args, k) is None})
     args.amp = args.amp or (saved['amp'] if saved and saved.get('amp') in AMP_CHOICES else
                             default_amp())
     args.workers = augment.default_workers() if args.workers is None else args.workers

@@ -629,7 +629,7 @@ def test_resume_mid_epoch_is_bit_exact(where, image_folder, tmp_path, capsys):
     last_resumed = [json.loads(line) for line in open(tmp_path / 'part' / 'log.jsonl')][-1]
     assert last['epoch'] == last_resumed['epoch'] == 2
     assert last['loss'] == last_resumed['loss'] and last['lr'] == last_resumed['lr']
-    assert last['tau'] == pytest.approx(byol.target_tau(11, 12, 0.97))
+    assert last['tau'] == pytest.approx(byol.target_tau(11, 12, byol.SHORT_RUN[2]))
 
 
 def test_sigterm_saves_a_checkpoint_and_the_run_resumes(image_folder, tmp_path):
@@ -775,6 +775,7 @@ def test_eval_every_logs_the_monitors_accuracy(image_folder, tmp_path, capsys):
     code, stdout, _ = run_main(byol, ['--data', image_folder, *TINY, '--epochs', '2',
                                       '--eval-every', '1', '--output-dir', tmp_path], capsys)
     assert code == 0
+    assert stdout.startswith('recipe: short run (--epochs 2 < 40,')  # which recipe, and why, first
     records = [json.loads(line) for line in open(tmp_path / 'log.jsonl')]
     assert [r['epoch'] for r in records] == [0, 1]
     steps = [line for line in stdout.splitlines() if line.startswith('step ')]
@@ -880,6 +881,35 @@ def test_image_size_and_stem_do_not_depend_on_the_first_image(tmp_path):
     assert run_main(byol, ['--data', photos, *TINY, '--epochs', '1', '--output-dir', out])[0] == 0
     config = load(out / 'checkpoint.pth')['config']
     assert (config['image_size'], config['small_images']) == (224, False)
+
+
+RECIPE = ('lr', 'wd', 'tau', 'warmup_epochs', 'hidden_dim', 'projection_dim')
+
+
+def test_short_runs_take_the_short_run_recipe_and_the_paper_presets_stay(image_folder):
+    images = augment.load_images(str(image_folder))  # (read once: its size check is cached)
+
+    def recipe(*argv):
+        args = byol.get_parser().parse_args(['--data', str(image_folder), *map(str, argv)])
+        return tuple(getattr(byol.resolve_config(args, images), k) for k in RECIPE)
+    # the paper's presets (official configs/byol.py) at their epoch counts, untouched
+    for epochs, preset in ((40, (0.45, 1e-6, 0.97)), (100, (0.45, 1e-6, 0.99)),
+                           (300, (0.3, 1e-6, 0.99)), (1000, (0.2, 1.5e-6, 0.996))):
+        assert recipe('--epochs', epochs) == (*preset, 10, 4096, 256)
+        assert recipe('--epochs', epochs, '--arch', 'convnet') == (*preset, 10, 4096, 256)
+    assert recipe('--epochs', 41) == recipe('--epochs', 100)  # the next longer preset
+    assert recipe('--epochs', 2000) == recipe('--epochs', 1000)
+    # under 40 epochs: the short-run recipe, warmup a tenth of the run, heads sized to f
+    assert recipe('--epochs', 5, '--arch', 'convnet', '--width', 16) == (4.0, 1e-6, 0.99, 0.5,
+                                                                         512, 128)
+    assert recipe('--epochs', 1, '--arch', 'resnet18')[3:] == (0.1, 2048, 256)
+    assert recipe('--epochs', 39, '--arch', 'resnet50')[3:] == (3.9, 4096, 256)  # the paper's
+    # every flag given explicitly wins, in either recipe
+    flags = ('--lr', 0.3, '--wd', 0, '--tau', 0.9, '--warmup-epochs', 2, '--hidden-dim', 64,
+             '--projection-dim', 32)
+    assert recipe('--epochs', 5, '--arch', 'convnet', *flags) == (0.3, 0, 0.9, 2, 64, 32)
+    assert recipe('--epochs', 1000, *flags) == (0.3, 0, 0.9, 2, 64, 32)
+    # (that a short run says so in its first line: test_eval_every_logs_the_monitors_accuracy)
 
 
 def test_bad_data_gives_one_line_errors(tmp_path, capsys):
