@@ -62,8 +62,7 @@ def run(command, log, threads):
 
 def one(name, seed, args):
     """Pretrain (unless the row has no flags) and probe one row and seed -> its results."""
-    key, flags, _ = ROWS[name]
-    folder = args.out / key / f'seed{seed}'
+    folder, flags = folder_of(name, seed, args), ROWS[name][1]
     folder.mkdir(parents=True, exist_ok=True)
     results = folder / 'results.jsonl'
     if results.exists():
@@ -82,10 +81,21 @@ def one(name, seed, args):
                    '--output-dir', folder / 'probe'], folder / 'probe.log', args.threads)
     record = json.loads((folder / 'probe' / 'results.jsonl').read_text().splitlines()[-1])
     record.update(train_s=round(train_s), probe_s=round(probe_s))
-    if flags is not None:  # the collapse signal at the end of pretraining
-        record['z_std'] = json.loads((folder / 'log.jsonl').read_text().splitlines()[-1])['z_std']
     results.write_text(json.dumps(record) + '\n')
     return record
+
+
+def folder_of(name, seed, args):
+    return args.out / ROWS[name][0] / f'seed{seed}'
+
+
+def final_z_std(folder):
+    """The collapse signal of the last progress line of a run's output, x sqrt(128) (the
+    quick start's projection dimension): ~0.8 spread, -> 0 collapsed; None without training."""
+    log = folder / 'train.log'
+    lines = [line for line in log.read_text().splitlines() if line.startswith('step ')] \
+        if log.exists() else []
+    return float(lines[-1].split('z_std ')[1].split()[0]) * 128 ** 0.5 if lines else None
 
 
 def mean_spread(values):
@@ -118,16 +128,21 @@ def main(argv=None):
 
     print(f'\n{args.epochs} epoch(s) of CIFAR-10 (convnet w=16, batch 128), seeds '
           f'{" / ".join(map(str, args.seeds))}; {args.threads} thread(s)\n')
-    print('| run | paper, ImageNet top-1 | linear probe top-1 (%) | per seed | kNN top-1 (%) | '
-          'z_std x sqrt(d) | time: pretraining / probe |')
-    print('|---|---|---|---|---|---|---|')
+    print('| run | paper, ImageNet top-1 | linear probe top-1 (%) | per seed | gain over random '
+          'init, same seed | kNN top-1 (%) | collapse signal at the end | time: pretraining / '
+          'probe |')
+    print('|---|---|---|---|---|---|---|---|')
+    random_init = table.get('random init (no training)')
     for name, records in table.items():
         top1, per_seed = mean_spread([r['top1'] for r in records])
+        gain = mean_spread([r['top1'] - r0['top1'] for r, r0 in zip(records, random_init)])[0] \
+            if random_init and records is not random_init else '-'
         knn, _ = mean_spread([r['knn_top1'] for r in records])
-        z = ' / '.join(f'{r["z_std"] * 128 ** 0.5:.2f}' for r in records if 'z_std' in r)
+        z = ' / '.join(f'{z:.2f}' for s in args.seeds
+                       if (z := final_z_std(folder_of(name, s, args))) is not None)
         train, probe = (minutes([r[k] for r in records]) for k in ('train_s', 'probe_s'))
-        print(f'| {name} | {ROWS[name][2] or "-"} | **{top1}** | {per_seed} | {knn} | {z or "-"} | '
-              f'{train} / {probe} |')
+        print(f'| {name} | {ROWS[name][2] or "-"} | **{top1}** | {per_seed} | {gain} | {knn} | '
+              f'{z or "-"} | {train} / {probe} |')
 
 
 if __name__ == '__main__':
