@@ -472,7 +472,7 @@ def check_resumable(checkpoint, config, path):
     if not isinstance(checkpoint, dict) or not {'online', 'config'} <= checkpoint.keys():
         raise UserError(f'{path} is not a byol.py training checkpoint; pass --resume a '
                         'checkpoint.pth written by byol.py')
-    saved = checkpoint['config']
+    saved = {'no_predictor': False, 'constant_tau': False, **checkpoint['config']}  # (older)
     diffs = [f'--{k.replace("_", "-")} {saved.get(k)} (now {config[k]})'
              for k in RUN_SETTINGS if saved.get(k) != config[k]]
     if diffs:

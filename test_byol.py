@@ -705,6 +705,17 @@ def test_the_readme_slurm_recipe_saves_then_requeues_under_torchrun(image_folder
     assert (tmp_path / 'scontrol.log').read_text().split() == ['requeue', '4242', str(step)]
 
 
+def test_a_checkpoint_from_before_the_ablation_flags_still_resumes(image_folder, tmp_path):
+    out = tmp_path / 'run'
+    args = ['--data', image_folder, *TINY, '--epochs', '1', '--output-dir', out]
+    assert run_main(byol, args + ['--stop-at-step', '2'])[0] == 0
+    checkpoint = load(out / 'checkpoint.pth')
+    for key in ('no_predictor', 'constant_tau'):  # settings its version did not have
+        del checkpoint['config'][key]
+    torch.save(checkpoint, out / 'checkpoint.pth')
+    assert run_main(byol, args)[0] == 0 and load(out / 'checkpoint.pth')['step'] == 4
+
+
 def test_a_run_resumes_in_another_precision(image_folder, tmp_path, capsys):
     out = tmp_path / 'run'
     args = ['--data', image_folder, *TINY[:-2], '--epochs', '2', '--output-dir', out]  # no --amp
