@@ -1275,7 +1275,18 @@ def test_the_augmentation_makes_no_new_constant_tensors_per_batch(monkeypatch):
 def test_workers_come_from_the_cores_this_process_may_use(monkeypatch):
     monkeypatch.setattr(os, 'sched_getaffinity', lambda pid: set(range(34)), raising=False)
     monkeypatch.setenv('LOCAL_WORLD_SIZE', '8')  # torchrun's processes on this node
-    assert augment.available_cores() in (34, *range(1, 34))  # a container quota may lower it
+    class Quota:  # cgroup v2 cpu.max: none ('max'), or 4 cores' worth of time
+        text = 'max 100000'
+
+        def __init__(self, path):
+            pass
+
+        def read_text(self):
+            return Quota.text
+    monkeypatch.setattr(augment, 'Path', Quota)
+    assert augment.available_cores() == 34
+    Quota.text = '400000 100000'
+    assert augment.available_cores() == 4
     monkeypatch.setattr(augment, 'available_cores', lambda: 34)
     assert augment.default_workers() == 3  # 34 // 8 - 1 for the training loop
     monkeypatch.setenv('LOCAL_WORLD_SIZE', '1')
