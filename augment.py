@@ -36,6 +36,7 @@ import os
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -166,33 +167,43 @@ def resized_crop(image, box, size):
 
 
 def crops_of(images, boxes, size):
-    """Resized crops of images of any sizes (a list of B uint8 (C, H, W)) with boxes (B, V, 4)
-    -> uint8 (B, V, C, S, S). Each output row (then column) is a weighted sum of its four taps:
-    four row gathers, then four column gathers: 2.9x faster than dense resampling matrices at
-    224 px on ImageNet-size photos (bench/RESULTS.md)."""
+    """Resized crops of images of any sizes (a list of B uint8 (C, H, W), stored channels last
+    as decoded) with boxes (B, V, 4) -> uint8 (B, V, C, S, S). Each pass makes every output row
+    a weighted sum of its four taps in one fused gather (embedding_bag): the crop's rows
+    (h, w C) -> (S, w C); transposed, its columns (w C, S) -> (C S, S), transposed back. At
+    224 px on ImageNet-size photos 2x faster than four gathers and four products per pass, 5x
+    faster than dense resampling matrices (bench/RESULTS.md)."""
     b, v, device = *boxes.shape[:2], images[0].device
     boxes = boxes.reshape(-1, 4).to(device)
     row_taps, row_weights = _bicubic_taps(boxes[:, 2], size)   # (BV, 4, S), taps first
     col_taps, col_weights = _bicubic_taps(boxes[:, 3], size)
-    out = torch.empty(b * v, images[0].shape[0], size, size, dtype=torch.uint8, device=device)
+    c = images[0].shape[0]
+    channels = torch.arange(c, device=device)[:, None, None]    # row x C + c: column x, channel c
+    out = torch.empty(b * v, c, size, size, dtype=torch.uint8, device=device)
     for k, (t, l, h, w) in enumerate(boxes.tolist()):
-        # Channels last, so that each pass gathers whole rows: (h, w, C) -> (S, w, C) -> the
-        # columns, transposed to rows: (w, S, C) -> (S, S, C), read back as (C, S, S).
-        crop = images[k // v][:, t:t + h, l:l + w].permute(1, 2, 0).float()
-        rows = _weighted_rows(crop, row_taps[k], row_weights[k])
-        both = _weighted_rows(rows.transpose(0, 1).contiguous(), col_taps[k], col_weights[k])
-        out[k] = both.round_().clamp_(0, 255).permute(2, 1, 0)
+        crop = images[k // v][:, t:t + h, l:l + w].permute(1, 2, 0).float().reshape(h, w * c)
+        rows = _weighted_rows(crop, row_taps[k], row_weights[k])                # (S, w C)
+        both = _weighted_rows(_transposed(rows), col_taps[k] * c + channels,
+                              col_weights[k].expand(c, -1, -1))                 # (C S, S)
+        both = both.round_().clamp_(0, 255).int().to(torch.uint8)  # (via int32: 3x faster)
+        out[k] = _transposed(both.view(c, size, size))
     return out.view(b, v, *out.shape[1:])
 
 
 def _weighted_rows(x, taps, weights):
-    """sum_j weights[j] * x[taps[j]]: one resampling pass of four taps over the first
-    dimension of x, with taps (4, S) and weights (4, S)."""
-    shape = (-1,) + (1,) * (x.dim() - 1)
-    out = x.index_select(0, taps[0]).mul_(weights[0].view(shape))
-    for j in range(1, 4):
-        out.addcmul_(x.index_select(0, taps[j]), weights[j].view(shape))
-    return out
+    """sum_j weights[..., j, :] * x[taps[..., j, :]]: one resampling pass of four taps over the
+    rows of x (N, M), with taps and weights (..., 4, S) -> (... S, M), in one fused gather."""
+    return F.embedding_bag(
+        taps.transpose(-1, -2).reshape(-1, 4), x, mode='sum',
+        per_sample_weights=weights.transpose(-1, -2).reshape(-1, 4))
+
+
+def _transposed(x):
+    """x with its last two dimensions swapped, contiguous: on the CPU by numpy (2-3x faster
+    than torch's copy for these shapes)."""
+    if x.device.type != 'cpu':
+        return x.transpose(-1, -2).contiguous()
+    return torch.from_numpy(np.ascontiguousarray(np.swapaxes(x.numpy(), -1, -2)))
 
 
 def _bicubic_taps(length, size):

@@ -1064,7 +1064,7 @@ def test_crop_resize_is_tensorflows_bicubic():
 
 
 def test_the_loaders_four_tap_crops_equal_the_resampling_matrices():
-    # crops_of (the loader: four row gathers, four column gathers) and resized_crops (the
+    # crops_of (the loader: a fused four-tap gather per pass) and resized_crops (the
     # device: dense matrices, batched) must make the same pixels, up- and downscaled alike.
     g = torch.Generator().manual_seed(0)
     image = torch.randint(0, 256, (3, 61, 83), dtype=torch.uint8, generator=g)
