@@ -58,7 +58,8 @@ def make_step(args, device, batched_augment=True, amp=None, channels_last=None, 
     """A training step of byol.py (augmentation included, crops given) with the chosen ways."""
     torch.manual_seed(0)
     amp = amp if amp is not None else byol.default_amp()
-    channels_last = device.type == 'cuda' if channels_last is None else channels_last
+    channels_last = (device.type == 'cuda' or args.arch == 'convnet') if channels_last is None \
+        else channels_last  # as byol.py
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     encoder, dim = byol.build_encoder(args.arch, args.image_size <= 64, args.width)
     model = byol.BYOL(encoder, dim, args.hidden_dim, args.projection_dim).to(
@@ -242,8 +243,7 @@ def main():
         variants['byol.py - batched augmentation'] = dict(batched_augment=False)
         default, other = byol.default_amp(), {'bf16': 'none', 'none': 'bf16'}[byol.default_amp()]
         variants[f'byol.py, {other} instead of {default}'] = dict(amp=other)
-        if cuda:
-            variants['byol.py - channels_last'] = dict(channels_last=False)
+        variants['byol.py - channels_last'] = dict(channels_last=False)
     if args.compile:
         variants['byol.py + compile'] = dict(compile=True)
     if args.no_baseline:
