@@ -199,7 +199,7 @@ def _weighted_rows(x, taps, weights):
 
 
 def _transposed(x):
-    """x with its last two dimensions swapped, contiguous: on the CPU by numpy (2-3x faster
+    """x with its last two dimensions swapped, contiguous: on the CPU by numpy (1.2-1.7x faster
     than torch's copy for these shapes)."""
     if x.device.type != 'cpu':
         return x.transpose(-1, -2).contiguous()
@@ -281,7 +281,7 @@ def adjust_contrast(x, factor):
 def rgb_to_hsv(x):
     """(B, 3, H, W) RGB in [0, 1] -> hue, saturation, value, each (B, H, W) in [0, 1]."""
     r, g, b = x.unbind(1)
-    value = torch.maximum(torch.maximum(r, g), b)  # (elementwise: 2x a reduction over dim 1)
+    value = torch.maximum(torch.maximum(r, g), b)  # (elementwise: 15x a reduction over dim 1)
     chroma = value - torch.minimum(torch.minimum(r, g), b)
     saturation = torch.where(value > 0, chroma / value.clamp_min(1e-12), 0.0)
     c = chroma.clamp_min(1e-12)
@@ -292,7 +292,7 @@ def rgb_to_hsv(x):
 
 
 def _fraction(x):
-    """x mod 1 in [0, 1): the same bits as torch.remainder(x, 1.0), 5x faster on CPUs."""
+    """x mod 1 in [0, 1): the same bits as torch.remainder(x, 1.0), 6x faster on CPUs."""
     return x - x.floor()
 
 
