@@ -861,7 +861,7 @@ def views_grid(image, n=8, size=None, seed=0):
     boxes = torch.cat([center_crop_boxes(height, width, 1, fraction=1.0),
                        crop_boxes(u, height, width)])                            # (1 + n, 4)
     crops = crops_of([image], boxes[None], size)[0]                    # (1 + n, 3, S, S) uint8
-    mean, std = (torch.tensor(s).view(1, 3, 1, 1) for s in (MEAN, STD))
+    mean, std = constant(MEAN, image.device), constant(STD, image.device)
     rows = [torch.cat([crops[:1] / 255, augment_batch(crops[1:], u, view) * std + mean])
             for view in (T, T_PRIME)]                                  # views un-normalised
     return torchvision.utils.make_grid(torch.cat(rows).clamp(0, 1), nrow=n + 1, pad_value=1)

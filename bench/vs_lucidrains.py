@@ -103,13 +103,11 @@ def one_row(args, name, seed):
     -> its row (a dict)."""
     torch.set_num_threads(1)
     out = f'{args.output_dir}/{name}_s{seed}'
-    start, cpu = time.time(), cpu_seconds()
-    if name == 'lucidrains':
-        data = augment.images_in_memory(augment.load_images(args.data, args.data_root))
-        start, cpu = time.time(), cpu_seconds()  # (the training only)
-        encoder = train_lucidrains(args, seed, out, data)
-    else:
-        encoder = train_ours(args, seed, out) if name == 'byol.py' else None
+    data = augment.images_in_memory(augment.load_images(args.data, args.data_root)) \
+        if name == 'lucidrains' else None
+    start, cpu = time.time(), cpu_seconds()  # the training only
+    encoder = (train_lucidrains(args, seed, out, data) if name == 'lucidrains' else
+               train_ours(args, seed, out) if name == 'byol.py' else None)
     minutes, cpu_minutes = (time.time() - start) / 60, (cpu_seconds() - cpu) / 60
     top1, knn = probe(args, out, encoder, seed)
     row = dict(name=name, seed=seed, top1=top1, knn=knn, train_minutes=round(minutes, 2),
