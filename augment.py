@@ -35,6 +35,7 @@ import math
 import os
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -168,13 +169,20 @@ def resized_crop(image, box, size):
 
 def crops_of(images, boxes, size):
     """Resized crops of images of any sizes (a list of B uint8 (C, H, W), stored channels last
-    as decoded) with boxes (B, V, 4) -> uint8 (B, V, C, S, S). Each pass makes every output row
-    a weighted sum of its four taps in one fused gather (embedding_bag): the crop's rows
-    (h, w C) -> (S, w C); transposed, its columns (w C, S) -> (C S, S), transposed back. At
-    224 px on ImageNet-size photos 2x faster than four gathers and four products per pass, 5x
-    faster than dense resampling matrices (bench/RESULTS.md)."""
+    as decoded, or Photos) with boxes (B, V, 4) on the host -> uint8 (B, V, C, S, S). On the
+    CPU crop by crop: each pass makes every output row a weighted sum of its four taps in one
+    fused gather (embedding_bag): the crop's rows (h, w C) -> (S, w C); transposed, its columns
+    (w C, S) -> (C S, S), transposed back. At 224 px on ImageNet-size photos 2x faster than four
+    gathers and four products per pass, 5x faster than dense resampling matrices
+    (bench/RESULTS.md). On a GPU every crop at once: _crops_at_once, the same sums."""
+    if isinstance(images, Photos):
+        if images.pixels.device.type != 'cpu':
+            return _crops_at_once(images, boxes, size)
+        images = images.images()
+    elif images[0].device.type != 'cpu':
+        return _crops_at_once(Photos.of(images), boxes, size)
     b, v, device = *boxes.shape[:2], images[0].device
-    boxes = boxes.reshape(-1, 4).to(device)
+    boxes = boxes.reshape(-1, 4)
     row_taps, row_weights = _bicubic_taps(boxes[:, 2], size)   # (BV, 4, S), taps first
     col_taps, col_weights = _bicubic_taps(boxes[:, 3], size)
     c = images[0].shape[0]
@@ -185,9 +193,68 @@ def crops_of(images, boxes, size):
         rows = _weighted_rows(crop, row_taps[k], row_weights[k])                # (S, w C)
         both = _weighted_rows(_transposed(rows), col_taps[k] * c + channels,
                               col_weights[k].expand(c, -1, -1))                 # (C S, S)
-        both = both.round_().clamp_(0, 255).int().to(torch.uint8)  # (via int32: 3x faster)
-        out[k] = _transposed(both.view(c, size, size))
+        out[k] = _transposed(_to_uint8(both).view(c, size, size))
     return out.view(b, v, *out.shape[1:])
+
+
+def _to_uint8(x):
+    return x.round_().clamp_(0, 255).int().to(torch.uint8)  # (via int32: 3x faster)
+
+
+def _crops_at_once(photos, boxes, size, chunk=2 ** 24):
+    """crops_of for every crop of a batch at once (GPUs: a few dozen kernels, not a dozen per
+    crop): the same two passes of four taps, as gathers of whole pixels from the photos' pixel
+    rows (N, C). Pass 1 makes each crop's S output rows at its own width w (S w pixels a crop,
+    the crops one after another), pass 2 their S columns. Crops go in runs of at most `chunk`
+    pass-1 pixels (2^24: about 1 GB of temporaries). boxes and photos.shapes are on the host,
+    so no size waits for the device."""
+    b, v = boxes.shape[:2]
+    boxes = boxes.reshape(-1, 4)
+    areas = photos.shapes.prod(1)
+    first = (areas.cumsum(0) - areas).repeat_interleave(v)      # each crop's image: first pixel,
+    width = photos.shapes[:, 1].repeat_interleave(v)            # and width
+    ends = (boxes[:, 3] * size).cumsum(0)                       # pass-1 pixels up to each crop
+    out = torch.empty(b * v, size, size, photos.pixels.shape[1], dtype=torch.uint8,
+                      device=photos.pixels.device)
+    start = 0
+    while start < len(boxes):
+        done = ends[start - 1] if start else 0
+        end = max(start + 1, int(torch.searchsorted(ends, done + chunk, right=True)))
+        k = slice(start, end)
+        corner = first[k] + boxes[k, 0] * width[k] + boxes[k, 1]
+        out[k] = _resample_at_once(photos.pixels, corner, width[k], boxes[k, 2:], size)
+        start = end
+    return out.permute(0, 3, 1, 2).reshape(b, v, -1, size, size)
+
+
+def _resample_at_once(pixels, corner, width, sizes, size):
+    """The two passes for K crops of sizes (K, 2) (h, w) whose top-left pixel is
+    pixels[corner] (K,), in images `width` (K,) pixels wide; all on the host -> uint8
+    (K, S, S, C) on the pixels' device."""
+    device, k, n = pixels.device, len(sizes), int(sizes[:, 1].sum()) * size
+    corner, width, h, w = (t.to(device, non_blocking=True) for t in (corner, width, *sizes.T))
+    ry, wy = _bicubic_taps(h, size)                                     # (K, 4, S)
+    rx, wx = _bicubic_taps(w, size)
+    # pass 1: pixel x of output row i of crop k (row r = k S + i, w_k pixels): the sum over
+    # the taps a of wy[k, a, i] * pixels[corner_k + ry[k, a, i] * width_k + x]
+    length = w.repeat_interleave(size)                                  # (K S,)
+    row_first = length.cumsum(0) - length                               # where row r starts
+    r = torch.arange(k * size, device=device).repeat_interleave(length, output_size=n)
+    x = torch.arange(n, device=device) - row_first[r]                   # (n,)
+    tap_first = (corner[:, None, None] + ry * width[:, None, None]).transpose(1, 2).reshape(-1, 4)
+    wy = wy.transpose(1, 2).reshape(-1, 4)                              # (K S, 4)
+    rows = None
+    for a in range(4):  # (acc + w x fused, as embedding_bag sums: the same floats)
+        term = pixels.index_select(0, tap_first[r, a] + x).float()
+        rows = wy[r, a, None] * term if rows is None else rows.addcmul_(wy[r, a, None], term)
+    # pass 2: pixel j of row r = k S + i: the sum over the taps a of
+    # wx[k, a, j] * rows[row_first[r] + rx[k, a, j]]
+    out = None
+    for a in range(4):
+        term = rows.index_select(0, (row_first.view(k, size, 1) + rx[:, a, None]).view(-1))
+        term, weight = term.view(k, size, size, -1), wx[:, a, None, :, None]
+        out = weight * term if out is None else out.addcmul_(weight, term)
+    return _to_uint8(out)
 
 
 def _weighted_rows(x, taps, weights):
@@ -243,7 +310,7 @@ def resized_crops(images, boxes, size):
 
     DEVIATION: the crops are rounded to uint8 (error <= 0.5/255), so that loaders ship 4x fewer
     bytes; the official pipeline keeps the resized crop in float."""
-    top, left, h, w = boxes.to(images.device).unbind(1)
+    top, left, h, w = boxes.to(images.device, non_blocking=True).unbind(1)
     rows = _bicubic_matrix(top, h, images.shape[-2], size)              # (B, S, H)
     cols = _bicubic_matrix(left, w, images.shape[-1], size)             # (B, S, W)
     out = rows[:, None] @ images.float() @ cols[:, None].transpose(-1, -2)
@@ -424,6 +491,41 @@ def decode(data):
         from PIL import Image
         with Image.open(io.BytesIO(data.numpy().tobytes())) as image:
             return torchvision.transforms.functional.pil_to_tensor(image.convert('RGB'))
+
+
+def sent(like, shape):
+    """An empty tensor of this shape, of like's dtype and device, for what the loader sends:
+    in a worker process, in shared memory from the start (as torch's default_collate), so that
+    sending it copies nothing (the copy took 0.5 ms per ImageNet-size photo: bench/RESULTS.md;
+    none measurable for the smaller crops)."""
+    if like.device.type != 'cpu' or torch.utils.data.get_worker_info() is None:
+        return like.new_empty(shape)
+    storage = like.untyped_storage()._new_shared(math.prod(shape) * like.itemsize)
+    return like.new_empty(0).set_(storage, 0, shape)
+
+
+class Photos(NamedTuple):
+    """Decoded images of different sizes in one tensor, so that a batch of them travels as one:
+    pixels (N, C) uint8, each image's H x W pixel rows in turn (channels last, as decoded), and
+    shapes (B, 2), their (H, W), which stay on the host."""
+    pixels: torch.Tensor
+    shapes: torch.Tensor
+
+    @classmethod
+    def of(cls, images):
+        """A list of uint8 (C, H, W) -> Photos (one copy: decoded images are channels last)."""
+        shapes = torch.tensor([image.shape[1:] for image in images])
+        pixels = sent(images[0], (int(shapes.prod(1).sum()), images[0].shape[0]))
+        return cls(torch.cat([image.permute(1, 2, 0).reshape(-1, image.shape[0])
+                              for image in images], out=pixels), shapes)
+
+    def to(self, device, non_blocking=False):
+        return Photos(self.pixels.to(device, non_blocking=non_blocking), self.shapes)
+
+    def images(self):
+        """-> the list of uint8 (C, H, W), views of pixels."""
+        return [rows.view(h, w, -1).permute(2, 0, 1) for rows, (h, w) in zip(
+            self.pixels.split(self.shapes.prod(1).tolist()), self.shapes.tolist())]
 
 
 class FolderImages:
@@ -656,12 +758,17 @@ class Pipeline(torch.utils.data.Dataset):
         epochs, indices = (torch.tensor(k) for k in zip(*keys))
         u = uniforms(self.seed, epochs, indices, MODES[self.mode])  # (b, V, N_SLOTS)
         labels = torch.tensor([self.images.labels[i] for i in indices.tolist()])
-        return self.run((None, u, labels, indices), STAGES[:self.split])
+        data, *rest = self.run((None, u, labels, indices), STAGES[:self.split])
+        if isinstance(data, list) and self.split == STAGES.index('crop'):
+            data = Photos.of(data)  # decoded images travel as one tensor
+        return data, *rest
 
     def finish(self, batch):
-        """The device's part -> (views (V, b, 3, S, S), labels (b,), indices (b,)) there."""
-        data, *rest = batch
-        batch = (data.to(self.device, non_blocking=True) if torch.is_tensor(data) else data,
+        """The device's part -> (views (V, b, 3, S, S), labels (b,), indices (b,)) there. The
+        uniform numbers u stay on the host for the crop boxes, the views take them over."""
+        data, u, *rest = batch
+        moves = torch.is_tensor(data) or isinstance(data, Photos)
+        batch = (data.to(self.device, non_blocking=True) if moves else data, u,
                  *(t.to(self.device, non_blocking=True) for t in rest))
         views, _, labels, indices = self.run(batch, STAGES[self.split:])
         return views, labels, indices
@@ -688,13 +795,13 @@ class Pipeline(torch.utils.data.Dataset):
                 for k in jpegs:
                     with contextlib.suppress(RuntimeError):
                         images[k] = self.decode_on_gpu([data[k]])[0]
-        for k, (item, i) in enumerate(zip(data, indices.tolist())):
+        for k, item in enumerate(data):
             if images[k] is None:  # (PNG, CMYK JPEG: libjpeg-turbo / libpng on the CPU)
                 try:
                     images[k] = (item if item.dim() == 3 else decode(item)).to(
-                        self.device if on_gpu else item.device)
+                        self.device if on_gpu else item.device, non_blocking=True)
                 except Exception as e:
-                    warn_unreadable(self.images.name(i), e)
+                    warn_unreadable(self.images.name(indices[k].item()), e)
         readable = [image for image in images if image is not None]
         if not readable:
             raise UserError(f'a batch of {len(images)} unreadable images, from '
@@ -720,9 +827,10 @@ class Pipeline(torch.utils.data.Dataset):
     def crop(self, data, u, labels, indices):
         if torch.is_tensor(data):  # (b, 3, H, W), one size: every crop in batched products
             heights, widths = data.shape[-2:]
+        elif isinstance(data, Photos):
+            heights, widths = data.shapes.T
         else:
             heights, widths = torch.tensor([image.shape[-2:] for image in data]).T
-            u = u.cpu()
         if self.mode == 'eval':
             boxes = center_crop_boxes(heights, widths, len(u), self.center_fraction)[:, None]
         else:
@@ -734,6 +842,7 @@ class Pipeline(torch.utils.data.Dataset):
         return crops_of(data, boxes, self.size)
 
     def views(self, crops, u, labels, indices):
+        u = u.to(crops.device, non_blocking=True)
         if self.mode == 'byol':
             views = torch.stack([augment_batch(crops[:, 0], u[:, 0], T),
                                  augment_batch(crops[:, 1], u[:, 1], T_PRIME)])
@@ -793,6 +902,8 @@ class Batches:
         p = self.pipeline
         item = p.dtype.itemsize if p.split == len(STAGES) else 1  # float views, or uint8 crops
         batch = self.batch_size * MODES[p.mode] * 3 * p.size ** 2 * item
+        if p.split == STAGES.index('crop'):  # whole photos (ImageNet's: 470 x 390 on average)
+            batch = self.batch_size * 3 * max(p.size ** 2, 470 * 390)
         try:
             shm = os.statvfs('/dev/shm')
             budget = shm.f_bavail * shm.f_frsize // 2
@@ -817,30 +928,32 @@ class Batches:
 
 
 def batches(images, size, batch_size, mode, seed=0, device=torch.device('cpu'), workers=0,
-            in_memory=False, decode_on_device=False, center_fraction=0.875,
-            dtype=torch.float32):
+            in_memory=False, on_device=None, center_fraction=0.875, dtype=torch.float32):
     """Batches of views of an image source -> (Batches, where its stages run, in words).
 
     Where the stages run: a dataset held in memory (in_memory: True, or None for where it fits,
     images_in_memory) is cropped and augmented on the device, whole batches at once, with no
-    loader workers; decode_on_device (GPUs: nvJPEG) leaves the loader only the files to read;
-    otherwise the workers decode and crop, and the views are made on the GPU, or, on a CPU, in
-    the workers too (they then overlap with the training step)."""
+    loader workers. Image folders read from disk go through the loader's workers up to the
+    stage on_device, the first run on the device: 'views' (the default on GPUs: the workers
+    decode and crop), 'crop' (the workers only decode), 'decode' (GPUs: nvJPEG; the workers
+    only read files). On a CPU (on_device None) the workers make the views too: they then
+    overlap with the training step."""
     data = images_in_memory(images) if in_memory is not False else None
     if in_memory and data is None:
         raise UserError(f'--data-on-device needs at most {MAX_IN_MEMORY} images of one size')
-    if decode_on_device and (data is not None or not isinstance(images, FolderImages)):
-        raise UserError('--decode-on-device is for image folders read from disk; '
-                        'add --no-data-on-device, or drop --decode-on-device')
+    if on_device and (data is not None or not isinstance(images, FolderImages)):
+        raise UserError(f'--on-device {on_device} is for image folders read from disk; '
+                        'add --no-data-on-device, or drop --on-device')
     if data is not None:
         images = ArrayImages(data.to(device), images.labels, images.classes)
-        on_device, workers, where = 'read', 0, 'held in memory, cropped and augmented there'
-    elif decode_on_device:
-        on_device, where = 'decode', 'read by the loader, decoded and augmented there'
-    elif device.type == 'cuda':
-        on_device, where = 'views', 'decoded and cropped by the loader, augmented there'
-    else:
-        on_device, where = None, 'decoded, cropped and augmented by the loader'
+        on_device, workers = 'read', 0
+    elif on_device is None and device.type == 'cuda':
+        on_device = 'views'
+    where = {'read': 'held in memory, cropped and augmented there',
+             'decode': 'read by the loader, decoded, cropped and augmented there',
+             'crop': 'decoded by the loader, cropped and augmented there',
+             'views': 'decoded and cropped by the loader, augmented there',
+             None: 'decoded, cropped and augmented by the loader'}[on_device]
     pipeline = Pipeline(images, size, mode, seed, device, on_device, center_fraction, dtype)
     return Batches(pipeline, batch_size, workers, shuffle=mode != 'eval'), \
         f'{len(images)} images on {device.type}, {where}'

@@ -16,8 +16,7 @@ Commands
   <output-dir>/encoder.pth (for torchvision.models.<arch>()), its settings to encoder.json.
 
 Measured (README.md has the table): CIFAR-10 JPEG folder, --arch convnet --width 16, one epoch
-(390 steps of 128, float32) in 1.4 minutes on 2 CPU cores: linear probe 42.2% (random init) ->
-45.0% (BYOL), means of 3 seeds.
+(390 x 128, float32) in 1.4 min, 2 CPU cores: linear probe 42.2% (random) -> 45.0% (BYOL), 3 seeds.
 """
 import argparse
 import copy
@@ -533,7 +532,7 @@ def train(args, received):
     # Data (augment.py): batches of two views on the device, labels only for the monitor.
     batches, where = augment.batches(images, args.image_size, args.batch_size // world, 'byol',
                                      args.seed, device, args.workers, args.data_on_device,
-                                     args.decode_on_device, dtype=AMP_DTYPES[args.amp])
+                                     args.on_device, dtype=AMP_DTYPES[args.amp])
     n_classes = len(images.classes) if len(images.classes) > 1 else 0
     val = augment.batches(augment.load_images(args.data, args.data_root, args.download, 'val'),
                           args.image_size, 256, 'eval', device=device, workers=args.workers)[0] \
@@ -733,7 +732,8 @@ def get_parser():
       '(--tau 0: the target is the online network under stop-gradient, paper Table 5a)')
     a('--data-on-device', action=argparse.BooleanOptionalAction, help='hold the dataset on the '
       f'device, crop there (default: named datasets, folders of <= {augment.MAX_IN_MEMORY})')
-    a('--decode-on-device', action='store_true', help='decode (nvJPEG) and crop on the GPU')
+    a('--on-device', choices=('views', 'crop', 'decode'), help='image folders: the first stage '
+      'run on the GPU (default views: the workers decode and crop; crop; decode: nvJPEG)')
     a('--compile', action='store_true', help='torch.compile the networks (opt-in: DDP with '
       'synchronised BN under compile has open upstream failure reports)')
     a('--workers', type=nonnegative_int, help='data-loader processes per process (default: '

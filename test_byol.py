@@ -808,7 +808,8 @@ def test_eval_every_logs_the_monitors_accuracy(image_folder, tmp_path, capsys):
 
 
 @pytest.mark.parametrize('where', [['--data-on-device'], ['--no-data-on-device'],
-                                   ['--no-data-on-device', '--decode-on-device']])
+                                   ['--no-data-on-device', '--on-device', 'decode'],
+                                   ['--no-data-on-device', '--on-device', 'crop']])
 def test_a_corrupt_image_mid_run_is_skipped_with_a_warning(where, image_folder, tmp_path, capsys):
     data = tmp_path / 'data'
     import shutil
@@ -1077,6 +1078,26 @@ def test_the_loaders_four_tap_crops_equal_the_resampling_matrices():
     assert difference.max() <= 1 and (difference > 0).float().mean() < 1e-3  # float rounding
 
 
+def test_every_crop_at_once_equals_the_loaders_crop_by_crop():
+    # _crops_at_once (GPUs: the batch's crops in a few gathers over one tensor of photos)
+    # makes crops_of's pixels bit for bit, on photos of different sizes (one pixel, one row,
+    # one column wide), in one run of crops, in runs of a few, and one crop a run.
+    g = torch.Generator().manual_seed(0)
+    sizes = [(61, 83), (7, 90), (120, 5), (1, 1), (40, 40)]
+    images = [torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=g) for h, w in sizes]
+    u = augment.uniforms(1, 0, torch.arange(len(sizes)))
+    heights, widths = torch.tensor(sizes).T
+    boxes = torch.stack([augment.crop_boxes(u[:, v], heights, widths) for v in range(2)], 1)
+    photos = augment.Photos.of(images)
+    assert photos.pixels.shape == (sum(h * w for h, w in sizes), 3)
+    assert photos.shapes.tolist() == [list(size) for size in sizes]
+    assert all(torch.equal(a, b) for a, b in zip(photos.images(), images))
+    by_crop = augment.crops_of(images, boxes, 32)
+    assert by_crop.shape == (5, 2, 3, 32, 32)
+    for chunk in (2 ** 24, 5000, 1):
+        assert torch.equal(augment._crops_at_once(photos, boxes, 32, chunk), by_crop), chunk
+
+
 def test_solarize_grayscale_brightness_contrast_on_known_inputs():
     x = torch.tensor([0.2, 0.5, 0.7, 1.0]).view(1, 1, 2, 2).expand(1, 3, 2, 2)
     assert torch.allclose(augment.solarize(x)[0, 0].flatten(), torch.tensor([0.2, 0.5, 0.3, 0.0]))
@@ -1250,6 +1271,37 @@ def test_every_placement_of_the_stages_gives_the_same_views(mode, image_folder):
     assert difference.max() <= 1 and (difference > 0).float().mean() < 1e-3
 
 
+def test_decoded_photos_travel_as_one_tensor_when_the_device_crops(image_folder):
+    images = augment.load_images(str(image_folder))
+    pipeline = augment.Pipeline(images, 16, 'byol', on_device='crop')
+    data, u, labels, indices = pipeline.__getitems__([(0, i) for i in (3, 1, 2)])
+    assert isinstance(data, augment.Photos) and data.pixels.dtype == torch.uint8
+    assert data.shapes.tolist() == [[24, 20]] * 3 and data.pixels.shape == (3 * 24 * 20, 3)
+    assert torch.equal(data.images()[1], images.load(1))
+
+
+def test_photos_come_from_a_loader_worker_made_in_shared_memory(image_folder):
+    # --on-device crop: the worker decodes, the photos cross to this process as one tensor
+    # made in shared memory (sending copies nothing), and the views are those of one process.
+    images = augment.load_images(str(image_folder))
+    loader = augment.Batches(augment.Pipeline(images, 16, 'byol', 3, on_device='crop'), 8,
+                             workers=1)
+    loader.set_epoch(1)
+    views, labels, indices = next(iter(loader))
+    here = augment.Pipeline(images, 16, 'byol', 3)
+    keys = [(1, i) for i in indices.tolist()]
+    assert torch.equal(views, here.finish(here.__getitems__(keys))[0])
+
+    class Made(torch.utils.data.Dataset):
+        def __len__(self):
+            return 1
+
+        def __getitem__(self, i):
+            return augment.sent(torch.empty(0, dtype=torch.uint8), (4, 3)).is_shared()
+    assert next(iter(torch.utils.data.DataLoader(Made(), batch_size=None, num_workers=1)))
+    assert not Made()[0]  # (in this process: ordinary memory)
+
+
 def test_views_in_the_autocast_dtype_are_the_float32_views_cast(image_folder):
     images = augment.load_images(str(image_folder))
     keys = [(0, i) for i in range(6)]
@@ -1308,6 +1360,9 @@ def test_a_small_dev_shm_lowers_the_batches_in_flight(image_folder, monkeypatch,
     pipeline.split = len(augment.STAGES)  # float32 views from the loader: 4x the bytes
     free['bytes'] = 2 * 3 * batch
     assert loader.shared_memory_budget(8) == (1, 1)
+    pipeline.split = augment.STAGES.index('crop')  # whole photos: 470 x 390 on average
+    free['bytes'] = 2 * 3 * 64 * 3 * 470 * 390 + 8192  # (in whole 4 kB blocks)
+    assert loader.shared_memory_budget(8) == (3, 1)
 
 
 def test_batches_are_drawn_by_image_index_whatever_the_placement(image_folder):

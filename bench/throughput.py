@@ -26,6 +26,7 @@ import os
 import statistics
 import sys
 import time
+from multiprocessing.reduction import ForkingPickler  # (torch adds its tensors' reductions)
 from pathlib import Path
 
 import torch
@@ -137,13 +138,14 @@ def matmul_rate(device, n=8192, repeats=20):
 def pipeline_rates(args, device):
     """Views/s delivered by each placement of the pipeline's stages (augment.batches), over the
     image folder --pipeline: the loader's workers, the dataset held in memory (if it fits), and,
-    on GPUs, decoding there."""
+    on GPUs, cropping there (the workers decode) and decoding there (the workers read files)."""
     images = augment.load_images(args.pipeline)
     placements = [dict(in_memory=False)]
     if augment.images_in_memory(images) is not None:
         placements.append(dict(in_memory=True))
     if device.type == 'cuda':
-        placements.append(dict(in_memory=False, decode_on_device=True))
+        placements += [dict(in_memory=False, on_device='crop'),
+                       dict(in_memory=False, on_device='decode')]
     rates = {}
     for options in placements:
         loader, where = augment.batches(images, args.image_size, args.batch_size, 'byol',
@@ -155,18 +157,24 @@ def pipeline_rates(args, device):
     return rates
 
 
-def decode_and_crop(args, rounds=5):
-    """What one loader worker does per image (one core): decode, then the two random resized
-    crops, timed apart over the first 64 images of --pipeline; and, side by side in the same
-    rounds, the two crops by dense resampling matrices (the former method) for the ratio.
-    -> dict of ms per image (medians over rounds)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as in a loader worker
+def decode_and_crop(args, device, rounds=5):
+    """What one loader worker spends per image (one core) over the first 64 images of
+    --pipeline, in a real worker process, sending included (the pickling that puts tensors in
+    shared memory): decoding and cropping (the default on GPUs), or only decoding when the
+    device crops (--on-device crop). Then, in this process, the parts apart: decode, the two
+    crops, and side by side the crops by dense resampling matrices (the former method), and
+    the crops of all 64 photos at once on the device. -> dict of ms per image (medians)."""
     images = augment.load_images(args.pipeline)
     n = min(64, len(images))
+    keys = [(0, i) for i in range(n)]
+    ms = {f'worker, {on_device} on the device': in_a_worker(
+        augment.Pipeline(images, args.image_size, 'byol', on_device=on_device), keys, rounds) / n
+        for on_device in ('views', 'crop')}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in a loader worker
     files = images.read(range(n))
     u = augment.uniforms(0, 0, torch.arange(n))
-    times = {'decode': [], 'crops': [], 'crops by dense matrices': []}
+    times = {'decode': [], 'crops': [], 'crops by dense matrices': [], 'crops on the device': []}
     for _ in range(rounds):
         start = time.perf_counter()
         decoded = [augment.decode(f) for f in files]
@@ -186,8 +194,43 @@ def decode_and_crop(args, rounds=5):
                                                args.image_size)[0]
                 (rows @ image.float() @ cols.T).round_().clamp_(0, 255).byte()
         times['crops by dense matrices'].append(time.perf_counter() - start)
+        photos = augment.Photos.of(decoded).to(device)
+        sync(device)
+        torch.set_num_threads(threads)  # (the training process's threads, on a CPU)
+        start = time.perf_counter()
+        augment._crops_at_once(photos, boxes, args.image_size)  # (what crops_of does on GPUs)
+        sync(device)
+        times['crops on the device'].append(time.perf_counter() - start)
+        torch.set_num_threads(1)
     torch.set_num_threads(threads)
-    return {k: 1000 * statistics.median(v) / n for k, v in times.items()}
+    return ms | {k: 1000 * statistics.median(v) / n for k, v in times.items()}
+
+
+class InAWorker(torch.utils.data.Dataset):
+    """One item: the seconds, round by round, that a pipeline's loader stages take over these
+    keys in the loader worker that makes the item, sending the batch included."""
+
+    def __init__(self, pipeline, keys, rounds):
+        self.pipeline, self.keys, self.rounds = pipeline, keys, rounds
+
+    def __len__(self):
+        return 1
+
+    def __getitem__(self, _):
+        torch.set_num_threads(1)  # as the DataLoader sets its workers
+        seconds = []
+        for _ in range(self.rounds):
+            start = time.perf_counter()
+            ForkingPickler.dumps(self.pipeline.__getitems__(self.keys))
+            seconds.append(time.perf_counter() - start)
+        return seconds
+
+
+def in_a_worker(pipeline, keys, rounds):
+    """Median ms that the pipeline's loader stages take over keys, in a loader worker."""
+    loader = torch.utils.data.DataLoader(InAWorker(pipeline, keys, rounds), batch_size=None,
+                                         num_workers=1)
+    return 1000 * statistics.median(next(iter(loader)))
 
 
 def delivered(loader, device, n):
@@ -273,11 +316,18 @@ def main():
         results['bf16_matmul_tflops'] = peak / 1e12
         print(f'  measured bf16 matmul rate: {peak / 1e12:.0f} TFLOP/s')
     if args.pipeline:
-        ms = results['decode_and_crop_ms'] = decode_and_crop(args)
-        print(f'  decode and crop: {1000 / (ms["decode"] + ms["crops"]):.0f} img/s per worker '
-              f'({ms["decode"]:.2f} ms decode + {ms["crops"]:.2f} ms two crops per image; '
-              f'the crops by dense matrices: {ms["crops by dense matrices"]:.2f} ms, '
+        ms = results['decode_and_crop_ms'] = decode_and_crop(args, device)
+        worker = ms['worker, views on the device']
+        print(f'  decode and crop: {1000 / worker:.0f} img/s per worker ({worker:.2f} ms per '
+              f'image in a loader worker, sending included; apart: {ms["decode"]:.2f} ms decode '
+              f'+ {ms["crops"]:.2f} ms two crops; the crops by dense matrices: '
+              f'{ms["crops by dense matrices"]:.2f} ms, '
               f'{ms["crops by dense matrices"] / ms["crops"]:.1f}x)', flush=True)
+        worker = ms['worker, crop on the device']
+        print(f'  decode, crops on the device (--on-device crop): {1000 / worker:.0f} img/s per '
+              f'worker ({worker:.2f} ms per image in a loader worker, sending included; the two '
+              f'crops at once on {device}: {ms["crops on the device"]:.2f} ms per image)',
+              flush=True)
         results['pipeline'] = pipeline_rates(args, device)
         for name, rate in results['pipeline'].items():
             print(f'  pipeline: {name:60s} {rate:9.1f} img/s')
