@@ -9,8 +9,8 @@
 #   3. a short CIFAR-10 pretraining (ResNet-18, 20 epochs) with the linear probe, against random init
 #   4. resume: a run stopped at step 60 and resumed ends where an uninterrupted one does
 #   5. the real loop, ResNet-50 at 224 px, batch 512 on the photos: host synchronisations per
-#      step (set_sync_debug_mode), the memory high-water mark, and the cost of the synchronised
-#      BN against plain BN (bench/loop_check.py)
+#      step (set_sync_debug_mode), the memory high-water mark, the cost of the synchronised BN
+#      against plain BN, and the crops made on the GPU (--on-device crop; bench/loop_check.py)
 #
 #   bash bench/gpu_check.sh [CIFAR10_FOLDER]
 # CIFAR10_FOLDER defaults to data/cifar10, then ../shared/data/cifar10; parts 2-4 need it. Only the
@@ -62,14 +62,18 @@ part() {  # part SECONDS TITLE COMMAND...: run with a time limit, keep going on 
   python3 -c 'import torch, torchvision; print("torch", torch.__version__, "cuda",
               torch.version.cuda, "torchvision", torchvision.__version__)'; nproc; } | tee "$log"
 
-# 1. ResNet-50 at 224 px; a folder of 1,024 ImageNet-size JPEGs (400 x 533) for the pipeline.
+# 1. ResNet-50 at 224 px; a folder of ImageNet-size JPEGs for the pipeline, of varied sizes as
+# ImageNet's, so that the loader reads them as it would ImageNet (a folder of photos of one size
+# would be held in memory).
 photos=$(mktemp -d)
 python3 - "$photos" "$photos_n" <<'PY'
 import os, sys, torch, torchvision, torch.nn.functional as F
 g = torch.Generator().manual_seed(0)
+sizes = [(400, 533), (533, 400), (375, 500), (500, 375), (333, 500), (427, 640)]
 for i in range(int(sys.argv[2])):
     low = torch.rand(1, 3, 25, 33, generator=g)
-    image = (F.interpolate(low, size=(400, 533), mode='bicubic')[0].clamp(0, 1) * 255).byte()
+    size = sizes[i % len(sizes)]
+    image = (F.interpolate(low, size=size, mode='bicubic')[0].clamp(0, 1) * 255).byte()
     folder = f'{sys.argv[1]}/c{i % 8}'
     os.makedirs(folder, exist_ok=True)
     torchvision.io.write_jpeg(image, f'{folder}/{i}.jpg', quality=90)
@@ -81,7 +85,7 @@ part 150 "ResNet-50, 224 px, batch $r50: the step and the pipeline" \
     --pipeline-batches 6 --json "$results/gpu_resnet50_224px.json"
 
 # 5. The real loop on the photos (right after part 1: the parts after it may be cut for time).
-part 150 "the real loop: host synchronisations, memory, synchronised BN vs plain BN" \
+part 220 "the real loop: host synchronisations, memory, synchronised BN vs plain BN" \
   python3 bench/loop_check.py "$photos" "${loop[@]}" --log-every 20 \
     --json "$results/loop_check.json"
 

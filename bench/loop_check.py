@@ -1,10 +1,11 @@
-"""bench/loop_check.py: byol.py's real training loop for a few dozen steps, twice, side by side:
-with torch's plain BatchNorm and with byol.py's synchronised one (AllReduceBatchNorm, which every
-multi-process run uses; forced here in one process, where its all-reduces are no-ops, so that
-its own cost shows). For each: the step rate after warm-up, the memory high-water mark, and on a
-GPU the host synchronisations per step (torch.cuda.set_sync_debug_mode('warn'); the loop means
-to wait for the device once every SYNC_EVERY steps and at the end of an epoch, nowhere else),
-with the lines of code that caused them.
+"""bench/loop_check.py: byol.py's real training loop for a few dozen steps, three times, side by
+side: with torch's plain BatchNorm and with byol.py's synchronised one (AllReduceBatchNorm, which
+every multi-process run uses; forced here in one process, where its all-reduces are no-ops, so
+that its own cost shows), then the latter with the crops made on the device (--on-device crop:
+the loader workers only decode). For each: the step rate after warm-up, the memory high-water
+mark, and on a GPU the host synchronisations per step (torch.cuda.set_sync_debug_mode('warn');
+the loop means to wait for the device once every SYNC_EVERY steps and at the end of an epoch,
+nowhere else), with the lines of code that caused them.
 
     python bench/loop_check.py FOLDER --arch resnet50 --batch-size 512 --epochs 8 [byol.py flags]
 Prints one summary block; --json FILE also writes it.
@@ -74,18 +75,23 @@ def main():
         i = flags.index('--json')
         out_json, flags = flags[i + 1], flags[:i] + flags[i + 2:]
     results = {}
-    for name, synced in (('plain BatchNorm', False), ('AllReduceBatchNorm', True)):
-        results[name] = run(folder, flags, synced)
+    for name, synced, more in (('plain BatchNorm', False, []), ('AllReduceBatchNorm', True, []),
+                               ('AllReduceBatchNorm, crops on the device', True,
+                                ['--on-device', 'crop'])):
+        results[name] = run(folder, flags + more, synced)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU'
     print(f'\nloop check on {device}, flags: {" ".join(flags)}')
     for name, r in results.items():
-        print(f'  {name:20s} {r["steps_per_s"]:.3f} steps/s over {r["steps"] - WARMUP - 1} steps'
+        print(f'  {name:40s} {r["steps_per_s"]:.3f} steps/s over {r["steps"] - WARMUP - 1} steps'
               + (f', peak memory {r["peak_memory_gb"]:.1f} GB' if 'peak_memory_gb' in r else '')
               + (f', host syncs per step {r["host_syncs_per_step"]:.2f} at {r["sync_sites"]}'
                  if r['host_syncs_per_step'] is not None else ''))
     ratio = results['AllReduceBatchNorm']['steps_per_s'] / results['plain BatchNorm']['steps_per_s']
     print(f'  AllReduceBatchNorm / plain BatchNorm: {ratio:.2f}x the step rate '
           f'(expected host syncs: 1 every {byol.SYNC_EVERY} steps, plus one an epoch)')
+    ratio = results['AllReduceBatchNorm, crops on the device']['steps_per_s'] / \
+        results['AllReduceBatchNorm']['steps_per_s']
+    print(f'  crops on the device (--on-device crop) / by the loader: {ratio:.2f}x the step rate')
     if out_json:
         Path(out_json).write_text(json.dumps(results, indent=1))
 
