@@ -710,6 +710,7 @@ def warn_unreadable(name, error):
 # Four stages, each a function of a batch (data, u, labels, indices):
 #   read    the images' file bytes, or the images themselves when they are held in memory
 #   decode  file bytes -> uint8 images (3, H, W); a batch neighbour stands in for an unreadable one
+#           (sent by the loader as Photos, one tensor, when the device crops)
 #   crop    -> uint8 crops (b, V, 3, S, S): random resized crops (the geometric half of T and T'),
 #           or centre crops for evaluation; uint8, so that 4x fewer bytes travel to the device
 #   views   -> normalised float views (V, b, 3, S, S): T and T' (mode 'byol'), a random flip

@@ -16,8 +16,10 @@ Step variants (images/s counts each source image once, i.e. batch / step time):
 Warm-up steps are excluded; each variant's time is the median over --repeats timings of --steps
 steps. On GPUs the model FLOPs utilisation (MFU) is the step's FLOPs (counted by
 torch.utils.flop_counter) per second over the GPU's measured dense bf16 matmul rate.
-The pipeline part times what feeds the step, each placement of augment.py's stages (loader
-workers, dataset held in memory, decoding on the GPU), in images (view pairs) per second.
+The pipeline part times what one loader worker spends per image (decode and crop, or only decode
+when the GPU crops), and what feeds the step for each placement of augment.py's stages (loader
+workers, dataset held in memory, cropping or decoding on the GPU), in images (view pairs) per
+second.
 Prints a table and writes --json.
 """
 import argparse
