@@ -202,12 +202,12 @@ def _to_uint8(x):
 
 
 def _crops_at_once(photos, boxes, size, chunk=2 ** 24):
-    """crops_of for every crop of a batch at once (GPUs: a few dozen kernels, not a dozen per
-    crop): the same two passes of four taps, as gathers of whole pixels from the photos' pixel
-    rows (N, C). Pass 1 makes each crop's S output rows at its own width w (S w pixels a crop,
-    the crops one after another), pass 2 their S columns. Crops go in runs of at most `chunk`
-    pass-1 pixels (2^24: about 1 GB of temporaries). boxes and photos.shapes are on the host,
-    so no size waits for the device."""
+    """crops_of for every crop of a batch at once (GPUs: a few dozen kernels a run of crops,
+    not a dozen a crop): the same two passes of four taps, as gathers of whole pixels from the
+    photos' pixel rows (N, C). Pass 1 makes each crop's S output rows at its own width w (S w
+    pixels a crop, the crops one after another), pass 2 their S columns. Crops go in runs of at
+    most `chunk` pass-1 pixels (2^24: about 1 GB of temporaries). boxes and photos.shapes are
+    on the host, so no size waits for the device."""
     b, v = boxes.shape[:2]
     boxes = boxes.reshape(-1, 4)
     areas = photos.shapes.prod(1)
@@ -493,7 +493,7 @@ def decode(data):
             return torchvision.transforms.functional.pil_to_tensor(image.convert('RGB'))
 
 
-def sent(like, shape):
+def empty_to_send(like, shape):
     """An empty tensor of this shape, of like's dtype and device, for what the loader sends:
     in a worker process, in shared memory from the start (as torch's default_collate), so that
     sending it copies nothing (the copy took 0.5 ms per ImageNet-size photo: bench/RESULTS.md;
@@ -515,7 +515,7 @@ class Photos(NamedTuple):
     def of(cls, images):
         """A list of uint8 (C, H, W) -> Photos (one copy: decoded images are channels last)."""
         shapes = torch.tensor([image.shape[1:] for image in images])
-        pixels = sent(images[0], (int(shapes.prod(1).sum()), images[0].shape[0]))
+        pixels = empty_to_send(images[0], (int(shapes.prod(1).sum()), images[0].shape[0]))
         return cls(torch.cat([image.permute(1, 2, 0).reshape(-1, image.shape[0])
                               for image in images], out=pixels), shapes)
 

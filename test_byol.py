@@ -1297,7 +1297,7 @@ def test_photos_come_from_a_loader_worker_made_in_shared_memory(image_folder):
             return 1
 
         def __getitem__(self, i):
-            return augment.sent(torch.empty(0, dtype=torch.uint8), (4, 3)).is_shared()
+            return augment.empty_to_send(torch.empty(0, dtype=torch.uint8), (4, 3)).is_shared()
     assert next(iter(torch.utils.data.DataLoader(Made(), batch_size=None, num_workers=1)))
     assert not Made()[0]  # (in this process: ordinary memory)
 
