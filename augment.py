@@ -224,7 +224,7 @@ def _crops_at_once(photos, boxes, size, chunk=2 ** 24):
         corner = first[k] + boxes[k, 0] * width[k] + boxes[k, 1]
         out[k] = _resample_at_once(photos.pixels, corner, width[k], boxes[k, 2:], size)
         start = end
-    return out.permute(0, 3, 1, 2).reshape(b, v, -1, size, size)
+    return out.permute(0, 3, 1, 2).contiguous().view(b, v, -1, size, size)  # (as crops_of's)
 
 
 def _resample_at_once(pixels, corner, width, sizes, size):

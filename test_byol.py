@@ -1095,7 +1095,8 @@ def test_every_crop_at_once_equals_the_loaders_crop_by_crop():
     by_crop = augment.crops_of(images, boxes, 32)
     assert by_crop.shape == (5, 2, 3, 32, 32)
     for chunk in (2 ** 24, 5000, 1):
-        assert torch.equal(augment._crops_at_once(photos, boxes, 32, chunk), by_crop), chunk
+        at_once = augment._crops_at_once(photos, boxes, 32, chunk)
+        assert torch.equal(at_once, by_crop) and at_once.is_contiguous(), chunk
 
 
 def test_solarize_grayscale_brightness_contrast_on_known_inputs():
@@ -1261,6 +1262,9 @@ def test_every_placement_of_the_stages_gives_the_same_views(mode, image_folder):
     assert labels.tolist() == [images.labels[i] for i in indices.tolist()]
     for on_device in augment.STAGES:
         assert torch.equal(views(on_device)[0], reference), on_device
+    with pytest.MonkeyPatch.context() as patch:  # the crops as on a GPU: all at once, from
+        patch.setattr(augment, 'crops_of', augment._crops_at_once)  # the Photos the loader sent
+        assert torch.equal(views('crop')[0], reference)
     # held in memory: every crop of the batch in one product; the same up to uint8 rounding
     in_memory = augment.ArrayImages(augment.images_in_memory(images), images.labels,
                                     images.classes)
