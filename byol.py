@@ -732,8 +732,8 @@ def get_parser():
       '(--tau 0: the target is the online network under stop-gradient, paper Table 5a)')
     a('--data-on-device', action=argparse.BooleanOptionalAction, help='hold the dataset on the '
       f'device, crop there (default: named datasets, folders of <= {augment.MAX_IN_MEMORY})')
-    a('--on-device', choices=('views', 'crop', 'decode'), help='image folders: the first stage '
-      'run on the GPU (default views: the workers decode and crop; crop; decode: nvJPEG)')
+    a('--on-device', choices=('views', 'crop', 'decode'), help='image folders: first stage on '
+      'the GPU (default views: workers decode, crop; crop: workers decode; decode: nvJPEG)')
     a('--compile', action='store_true', help='torch.compile the networks (opt-in: DDP with '
       'synchronised BN under compile has open upstream failure reports)')
     a('--workers', type=nonnegative_int, help='data-loader processes per process (default: '

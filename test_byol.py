@@ -1296,12 +1296,12 @@ def test_photos_come_from_a_loader_worker_made_in_shared_memory(image_folder):
     keys = [(1, i) for i in indices.tolist()]
     assert torch.equal(views, here.finish(here.__getitems__(keys))[0])
 
-    class Made(torch.utils.data.Dataset):
+    class Made(torch.utils.data.Dataset):  # where a worker's Photos are made
         def __len__(self):
             return 1
 
         def __getitem__(self, i):
-            return augment.empty_to_send(torch.empty(0, dtype=torch.uint8), (4, 3)).is_shared()
+            return augment.Photos.of([images.load(0), images.load(1)]).pixels.is_shared()
     assert next(iter(torch.utils.data.DataLoader(Made(), batch_size=None, num_workers=1)))
     assert not Made()[0]  # (in this process: ordinary memory)
 
