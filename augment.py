@@ -33,6 +33,7 @@ import functools
 import io
 import math
 import os
+import socket
 import sys
 from pathlib import Path
 from typing import NamedTuple
@@ -718,26 +719,59 @@ def warn_unreadable(name, error):
 # The stages before `on_device` run in the data loader (its worker processes, if any); the rest
 # on the training device, over the whole batch. Where each runs changes the speed, not the views.
 STAGES = ('read', 'decode', 'crop', 'views')
+# on_device, the first stage run on the device:
+#   None     none: the loader's workers make the views (CPUs: they overlap the training step)
+#   'views'  the workers decode and crop, the device augments (the default on GPUs)
+#   'crop'   the workers only decode; the device crops and augments (--on-device crop)
+#   'read'   every stage: a dataset held in memory on the device (no workers)
+# (A worker cannot send the file bytes that read returns: they are mapped from the file.)
+PLACEMENTS = (None, 'views', 'crop', 'read')
 MODES = {'byol': 2, 'train': 1, 'eval': 1}  # mode -> views per image
 
 
-def available_cores():
-    """The CPU cores this process may run on: its affinity mask (taskset, SLURM's
-    --cpus-per-task), lowered by a container's CPU quota (cgroup v2 cpu.max), if any."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+def affinity_mask():
+    """The CPU cores this process may run on (taskset, SLURM's --cpus-per-task, torchrun's
+    --numa-binding)."""
+    if hasattr(os, 'sched_getaffinity'):
+        return set(os.sched_getaffinity(0))
+    return set(range(os.cpu_count() or 1))
+
+
+def cpu_quota():
+    """A container's CPU quota in cores (cgroup v2 cpu.max), or None."""
     try:
         quota, period = Path('/sys/fs/cgroup/cpu.max').read_text().split()
         if quota != 'max':
-            cores = min(cores, max(1, int(int(quota) / int(period))))
+            return max(1, int(int(quota) / int(period)))
     except (OSError, ValueError):
         pass
-    return cores or 1
+    return None
+
+
+def node_affinity_masks(mask):
+    """The affinity masks of this node's training processes (this one's among them), gathered
+    over torch.distributed; without it, this process's alone."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [mask]
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, (socket.gethostname(), sorted(mask)))
+    return [set(cores) for host, cores in everyone if host == socket.gethostname()]
 
 
 def default_workers():
-    """Loader workers per training process: the available cores shared among the processes of
-    this node (torchrun's LOCAL_WORLD_SIZE), less one for the training loop itself."""
-    return max(0, available_cores() // int(os.environ.get('LOCAL_WORLD_SIZE', 1)) - 1)
+    """Loader workers per training process: its share of the cores, less one for the training
+    loop itself. The cores of its affinity mask are shared by the node's processes whose masks
+    overlap it: every process when each may use the whole node (or SLURM's one task per node),
+    those of one NUMA node under torchrun --numa-binding=node, none under exclusive binding. A
+    container's CPU quota is shared by all the node's processes."""
+    mask = affinity_mask()
+    masks = node_affinity_masks(mask)
+    sharing = sum(1 for other in masks if other & mask)
+    cores = len(mask) // sharing
+    quota = cpu_quota()
+    if quota is not None:
+        cores = min(cores, quota // len(masks))
+    return max(0, cores - 1)
 
 
 class Pipeline(torch.utils.data.Dataset):
@@ -748,7 +782,8 @@ class Pipeline(torch.utils.data.Dataset):
                  center_fraction=0.875, dtype=torch.float32):
         self.images, self.size, self.mode, self.seed = images, size, mode, seed
         self.device, self.center_fraction, self.dtype = device, center_fraction, dtype
-        self.decode_stream = None  # made on first use (GPUs)
+        if on_device not in PLACEMENTS:
+            raise ValueError(f'on_device {on_device!r} is none of {PLACEMENTS}')
         self.split = STAGES.index(on_device) if on_device else len(STAGES)
 
     def __len__(self):
@@ -785,45 +820,18 @@ class Pipeline(torch.utils.data.Dataset):
     def decode(self, data, u, labels, indices):
         if torch.is_tensor(data):  # held in memory: decoded already
             return data
-        images = [None] * len(data)
-        on_gpu = self.device.type == 'cuda' and self.split <= STAGES.index('decode')
-        if on_gpu:  # nvJPEG: the batch's JPEG files at once; if it refuses one, one by one
-            jpegs = [k for k, item in enumerate(data) if item[:2].tolist() == [0xFF, 0xD8]]
-            try:
-                for k, image in zip(jpegs, self.decode_on_gpu([data[k] for k in jpegs])):
-                    images[k] = image
-            except RuntimeError:
-                for k in jpegs:
-                    with contextlib.suppress(RuntimeError):
-                        images[k] = self.decode_on_gpu([data[k]])[0]
+        images = []
         for k, item in enumerate(data):
-            if images[k] is None:  # (PNG, CMYK JPEG: libjpeg-turbo / libpng on the CPU)
-                try:
-                    images[k] = (item if item.dim() == 3 else decode(item)).to(
-                        self.device if on_gpu else item.device, non_blocking=True)
-                except Exception as e:
-                    warn_unreadable(self.images.name(indices[k].item()), e)
+            try:
+                images.append(decode(item))
+            except Exception as e:
+                warn_unreadable(self.images.name(indices[k].item()), e)
+                images.append(None)
         readable = [image for image in images if image is not None]
         if not readable:
             raise UserError(f'a batch of {len(images)} unreadable images, from '
                             f'{self.images.name(indices[0].item())}')
         return [image if image is not None else readable[0] for image in images]
-
-    def decode_on_gpu(self, data):
-        """torchvision's nvJPEG decode on a stream of its own: it writes its outputs from
-        another stream without waiting for the current one, so memory just freed there (still
-        read by queued kernels) must not be handed to it (pytorch/vision pull 9606). The
-        training stream then waits for the decode, and the images are marked as used there."""
-        if self.decode_stream is None:
-            self.decode_stream = torch.cuda.Stream(self.device)
-        current = torch.cuda.current_stream(self.device)
-        with torch.cuda.stream(self.decode_stream):
-            images = torchvision.io.decode_jpeg(data, mode=torchvision.io.ImageReadMode.RGB,
-                                                device=self.device)
-        current.wait_stream(self.decode_stream)
-        for image in images:
-            image.record_stream(current)
-        return images
 
     def crop(self, data, u, labels, indices):
         if torch.is_tensor(data):  # (b, 3, H, W), one size: every crop in batched products
@@ -896,8 +904,10 @@ class Batches:
 
     def shared_memory_budget(self, workers, prefetch=2):
         """-> (workers, prefetch_factor) whose batches in flight (workers x prefetch, passed
-        through /dev/shm) fill at most half of it: a container's small /dev/shm (Docker's
-        64 MB) otherwise kills the loader. uint8 crops (GPUs) take 4x less than float views."""
+        through /dev/shm) fill at most this process's share of half of it (the node's training
+        processes, torchrun's LOCAL_WORLD_SIZE, share one /dev/shm): a container's small
+        /dev/shm (Docker's 64 MB) otherwise kills the loader with a bus error. uint8 crops
+        (GPUs) take 4x less than float views. Stops with one line if not even one batch fits."""
         if workers == 0:
             return 0, None
         p = self.pipeline
@@ -907,14 +917,21 @@ class Batches:
             batch = self.batch_size * 3 * max(p.size ** 2, 470 * 390)
         try:
             shm = os.statvfs('/dev/shm')
-            budget = shm.f_bavail * shm.f_frsize // 2
         except OSError:
             return workers, prefetch
-        fits = max(1, budget // batch)
+        processes = int(os.environ.get('LOCAL_WORLD_SIZE', 1))
+        budget = shm.f_bavail * shm.f_frsize // 2 // processes
+        fits = budget // batch
+        if fits == 0:
+            raise UserError(f'/dev/shm has {2 * processes * budget / 2**20:.0f} MB free, and '
+                            f'one batch of {self.batch_size} in flight takes {batch / 2**20:.0f} '
+                            f'MB of this process\'s share ({budget / 2**20:.0f} MB, with '
+                            f'{processes} on the node): give the container more (docker run '
+                            '--shm-size 16g), use fewer images per process, or --workers 0')
         if workers * prefetch <= fits:
             return workers, prefetch
-        print(f'note: /dev/shm has {2 * budget / 2**20:.0f} MB free, room for {fits} batches in '
-              f'flight of {batch / 2**20:.0f} MB: {min(workers, fits)} workers, 1 batch each '
+        print(f'note: /dev/shm has room for {fits} batches in flight of {batch / 2**20:.0f} MB '
+              f'in this process\'s share: {min(workers, fits)} workers, 1 batch each '
               '(docker run --shm-size 16g gives more)', file=sys.stderr, flush=True)
         return min(workers, fits), 1
 
@@ -936,9 +953,8 @@ def batches(images, size, batch_size, mode, seed=0, device=torch.device('cpu'), 
     images_in_memory) is cropped and augmented on the device, whole batches at once, with no
     loader workers. Image folders read from disk go through the loader's workers up to the
     stage on_device, the first run on the device: 'views' (the default on GPUs: the workers
-    decode and crop), 'crop' (the workers only decode), 'decode' (GPUs: nvJPEG; the workers
-    only read files). On a CPU (on_device None) the workers make the views too: they then
-    overlap with the training step."""
+    decode and crop), 'crop' (the workers only decode). On a CPU (on_device None) the workers
+    make the views too: they then overlap with the training step."""
     data = images_in_memory(images) if in_memory is not False else None
     if in_memory and data is None:
         raise UserError(f'--data-on-device needs at most {MAX_IN_MEMORY} images of one size')
@@ -951,7 +967,6 @@ def batches(images, size, batch_size, mode, seed=0, device=torch.device('cpu'), 
     elif on_device is None and device.type == 'cuda':
         on_device = 'views'
     where = {'read': 'held in memory, cropped and augmented there',
-             'decode': 'read by the loader, decoded, cropped and augmented there',
              'crop': 'decoded by the loader, cropped and augmented there',
              'views': 'decoded and cropped by the loader, augmented there',
              None: 'decoded, cropped and augmented by the loader'}[on_device]

@@ -60,13 +60,54 @@ SYNC_EVERY = 5  # steps between the loop's host synchronisations (loss check, pr
 # ------------------------------------------------------------------------------------------------
 
 
+class BatchNorm(nn.modules.batchnorm._BatchNorm):
+    """BatchNorm as the official code's (Haiku's BatchNorm, decay 0.9, eps 1e-5; SPEC.md
+    section 1), for every BN of f, g and q. In training it normalises with the batch's
+    statistics, those of the global batch once synchronized (synchronize_batchnorm: every
+    multi-process run of byol.py), and keeps as running statistics Haiku's zero-debiased moving
+    averages of the batch mean and of the biased batch variance (update_statistics); eval mode
+    normalises with those. Its parameters and buffers are torch's BatchNorm's (state dicts load
+    into torchvision's models as they are)."""
+    synchronized = False
+
+    def _check_input_dim(self, x):
+        if x.dim() < 2:
+            raise ValueError(f'expected at least 2-D input, got {x.dim()}-D')
+
+    def forward(self, x):
+        if not self.training:
+            return super().forward(x)
+        if self.synchronized:
+            y, mean, var = GlobalBatchNorm.apply(x, self.weight, self.bias, self.eps)
+        else:  # torch's own kernel, which also returns the mean and 1 / sqrt(var + eps)
+            y, mean, invstd = torch.native_batch_norm(x, self.weight, self.bias, None, None,
+                                                      True, 0.0, self.eps)
+            var = invstd.pow(-2) - self.eps
+        self.update_statistics(mean, var)
+        return y
+
+    @torch.no_grad()
+    def update_statistics(self, mean, var):
+        """Haiku's ExponentialMovingAverage with zero debiasing, decay d = 1 - momentum: at the
+        k-th update hidden <- d hidden + (1 - d) v and average = hidden / (1 - d^k), which is
+        average <- average + w_k (v - average) with w_k = (1 - d) / (1 - d^k): the first batch's
+        statistics at k = 1, then an average that settles to weight 1 - d. (torch's BN starts
+        its running variance at 1, averages the unbiased variance, and does not debias.)"""
+        self.num_batches_tracked += 1
+        decay = 1 - self.momentum
+        weight = (1 - decay) / (1 - decay ** self.num_batches_tracked.double())
+        weight = weight.to(self.running_mean.dtype)
+        self.running_mean.lerp_(mean.to(weight.dtype), weight)
+        self.running_var.lerp_(var.to(weight.dtype), weight)
+
+
 def convnet(width=32):
     """A small encoder for CPU runs: four 3x3 conv-BN-ReLU layers of width w, 2w, 4w, 8w, max-pool
     after the first three, global average pool. Not in the paper."""
     layers, channels = [], 3
     for i, out in enumerate((width, 2 * width, 4 * width, 8 * width)):
         layers += [nn.Sequential(nn.Conv2d(channels, out, 3, padding=1, bias=False),
-                                 nn.BatchNorm2d(out), nn.ReLU(inplace=True),
+                                 BatchNorm(out), nn.ReLU(inplace=True),
                                  nn.MaxPool2d(2) if i < 3 else nn.Identity())]
         channels = out
     return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
@@ -84,17 +125,17 @@ def resnet(arch, width=1):
     inner 3x3 convolutions)."""
     block, layers = RESNET_LAYERS[arch]
     if width == 1:
-        return ResNet(block, layers)
+        return ResNet(block, layers, norm_layer=BatchNorm)
     if block is not Bottleneck:
         raise UserError(f'--width {width} applies to the bottleneck ResNets (resnet50 and deeper), '
                         f'as in the paper; use --width 1 with {arch}')
     # A Bottleneck's inner width is planes * width_per_group / 64 and its output planes *
     # expansion: widening both by `width` widens every layer.
     wide_block = type(f'Bottleneck{width}x', (Bottleneck,), {'expansion': 4 * width})
-    net = ResNet(wide_block, layers, width_per_group=64 * width)
+    net = ResNet(wide_block, layers, width_per_group=64 * width, norm_layer=BatchNorm)
     net.inplanes = 64 * width  # the stem widens too, so rebuild it and the first stage
     net.conv1 = nn.Conv2d(3, 64 * width, kernel_size=7, stride=2, padding=3, bias=False)
-    net.bn1 = nn.BatchNorm2d(64 * width)
+    net.bn1 = BatchNorm(64 * width)
     net.layer1 = net._make_layer(wide_block, 64, layers[0])
     return net
 
@@ -138,7 +179,7 @@ def mlp(in_dim, hidden_dim, out_dim):
     initialised as the official code. DEVIATION: the last Linear has no bias, as the official
     code (appendix J's pseudo-code has one)."""
     return official_init(nn.Sequential(
-        nn.Linear(in_dim, hidden_dim), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True),
+        nn.Linear(in_dim, hidden_dim), BatchNorm(hidden_dim), nn.ReLU(inplace=True),
         nn.Linear(hidden_dim, out_dim, bias=False)))
 
 # ------------------------------------------------------------------------------------------------
@@ -224,8 +265,9 @@ class BYOL(nn.Module):
     def update_target(self, tau):
         """Paper section 3.1: xi <- tau xi + (1 - tau) theta, for the parameters only (BN gamma
         and beta included; BN running statistics are the target's own, as the official code)."""
-        for theta, xi in zip(*self.online_target_pairs()):
-            xi.mul_(tau).add_(theta, alpha=1 - tau)
+        theta, xi = self.online_target_pairs()
+        torch._foreach_mul_(xi, tau)
+        torch._foreach_add_(xi, theta, alpha=1 - tau)  # (one call for all the tensors)
 
 # ------------------------------------------------------------------------------------------------
 # Schedules: pure functions of the global step, set every step (paper 3.3, SPEC.md sections 1-2)
@@ -264,18 +306,29 @@ class LARS(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         for group in self.param_groups:
-            for w in group['params']:
-                if w.grad is None:
-                    continue
-                u = w.grad
-                if group['lars']:
-                    u = u + group['weight_decay'] * w
-                    w_norm, u_norm = w.norm(), u.norm()
-                    u = u * torch.where((w_norm > 0) & (u_norm > 0),
-                                        group['eta'] * w_norm / u_norm, 1.0)
-                m = self.state[w].setdefault('momentum_buffer', torch.zeros_like(w))
-                m.mul_(group['momentum']).add_(u)
-                w.add_(m, alpha=-group['lr'])
+            w = [p for p in group['params'] if p.grad is not None]
+            if not w:
+                continue
+            u = [p.grad for p in w]
+            if group['lars']:
+                # (torch._foreach_*: one call for all the group's tensors, not one per tensor)
+                u = torch._foreach_add(u, w, alpha=group['weight_decay'])     # u = g + wd w
+                w_norm = torch.stack(torch._foreach_norm(w))
+                u_norm = torch.stack(torch._foreach_norm(u))
+                trust = torch.where((w_norm > 0) & (u_norm > 0), group['eta'] * w_norm / u_norm,
+                                    1.0)
+                torch._foreach_mul_(u, trust.unbind())              # u <- u eta ||w|| / ||u||
+            m = [self.momentum_buffer(p) for p in w]
+            torch._foreach_mul_(m, group['momentum'])
+            torch._foreach_add_(m, u)                               # m <- momentum m + u
+            torch._foreach_add_(w, m, alpha=-group['lr'])           # w <- w - lr m
+
+    def momentum_buffer(self, w):
+        """m for the tensor w, zeros at the first step."""
+        state = self.state[w]
+        if 'momentum_buffer' not in state:
+            state['momentum_buffer'] = torch.zeros_like(w)
+        return state['momentum_buffer']
 
 
 def lars_param_groups(model, weight_decay):
@@ -334,65 +387,102 @@ def all_reduce_sum(t):
     return t
 
 
-class SyncBatchNormFunction(torch.autograd.Function):
-    """y = gamma (x - mean) / sqrt(var + eps) + beta with the global batch's statistics, in x's
-    dtype; the backward all-reduces the sums of dy and dy x_hat, the input gradient's only global
-    terms (as nn.SyncBatchNorm's): dx = gamma invstd (dy - mean(dy) - x_hat mean(dy x_hat))."""
+def fused_kernels(x):
+    """Whether x's device has torch's fused BN kernels (batch_norm_elemt and the rest: CUDA only;
+    a test stands CPU versions in for them here)."""
+    return x.is_cuda
+
+
+def batch_statistics(x):
+    """This process's per-channel batch mean and biased variance, in one pass, at least in
+    float32 (the CPU kernel keeps a half-precision input's dtype)."""
+    if x.dtype in (torch.float16, torch.bfloat16) and not x.is_cuda:
+        x = x.float()
+    return torch.batch_norm_update_stats(x, None, None, 0.0)
+
+
+class GlobalBatchNorm(torch.autograd.Function):
+    """y = gamma (x - mean) / sqrt(var + eps) + beta with the statistics of the global batch,
+    and its gradient, with no host synchronisation (nn.SyncBatchNorm waits for the host at every
+    call: 218 times a ResNet-50 step).
+
+    Forward: one float64 all-reduce of each process's count n, n mean and n (var + mean^2), so
+    that the global variance is never E[x^2] - E[x]^2 of float32 sums (which cancels when |mean|
+    >> std: at mean/std = 1000 that lost 10% of it). Backward: one all-reduce of the sums of dy
+    and dy (x - mean), the input gradient's only global terms:
+        dx = gamma invstd (dy - sum(dy) / N - (x - mean) invstd^2 sum(dy (x - mean)) / N).
+    On GPUs through torch's fused kernels (those of nn.SyncBatchNorm, without its empty-batch
+    mask, the source of its host synchronisation; checked at first use:
+    check_global_batch_norm), elsewhere in plain ops. -> (y, mean, var), the last two for the
+    running statistics."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, mean, var, eps, count):
-        ctx.save_for_backward(x, weight, mean, var, count)
-        ctx.eps = eps
-        return F.batch_norm(x, mean, var, weight, bias, False, 0.0, eps)
+    def forward(ctx, x, weight, bias, eps):
+        mean, var = batch_statistics(x)
+        n = torch.full_like(mean, x.numel() // x.shape[1], dtype=torch.float64)
+        stats = torch.stack([n, n * mean, n * (var + mean.double() ** 2)])
+        n, sum_x, sum_x2 = all_reduce_sum(stats)
+        mean64 = sum_x / n
+        mean, var = mean64.to(mean.dtype), (sum_x2 / n - mean64 ** 2).clamp_min(0).to(var.dtype)
+        invstd = (var + eps).rsqrt()
+        if fused_kernels(x):
+            y = torch.batch_norm_elemt(x, weight, bias, mean, invstd, eps)
+        else:
+            y = F.batch_norm(x, mean, var, weight, bias, False, 0.0, eps)
+        count = n[:1].to(torch.int32)  # the global batch's size per channel
+        ctx.save_for_backward(x, weight, mean, invstd, count)
+        ctx.mark_non_differentiable(mean, var)
+        return y, mean, var
 
     @staticmethod
-    def backward(ctx, dy):
-        x, weight, mean, var, count = ctx.saved_tensors
-        shape, dims = (1, -1) + (1,) * (dy.dim() - 2), [0, *range(2, dy.dim())]
-        invstd, dy = (var + ctx.eps).rsqrt(), dy.float()
-        x_hat = (x.float() - mean.view(shape)) * invstd.view(shape)
-        local = torch.stack([dy.sum(dims), (dy * x_hat).sum(dims)])  # (2, C): d beta, d gamma
-        mean_dy, mean_dy_x_hat = (all_reduce_sum(local.double()) / count).float()
-        dx = (dy - mean_dy.view(shape) - x_hat * mean_dy_x_hat.view(shape)) * \
-            (weight * invstd).view(shape)
-        return dx.to(x.dtype), local[1], local[0], None, None, None, None
-
-
-class AllReduceBatchNorm(nn.modules.batchnorm._BatchNorm):
-    """BatchNorm with the statistics of the global batch, on CPUs (gloo) and GPUs (NCCL) alike,
-    with no host synchronisation (nn.SyncBatchNorm is CUDA-only and waits for the host at
-    every call, 218 times a ResNet-50 step). One all-reduce in the forward, in float64, of each
-    process's count n, n mean and n (var + mean^2), from its own float32 var_mean: the global
-    variance is never E[x^2] - E[x]^2 of float32 sums, which cancels when |mean| >> std (at
-    mean/std = 1000 that lost 10% of it); one all-reduce in the backward."""
-
-    def _check_input_dim(self, x):
-        if x.dim() < 2:
-            raise ValueError(f'expected at least 2-D input, got {x.dim()}-D')
-
-    def forward(self, x):
-        if not self.training:
-            return super().forward(x)
-        dims, c = [0, *range(2, x.dim())], x.shape[1]
-        with torch.no_grad():
-            var, mean = (t.double() for t in torch.var_mean(x.float(), dims, correction=0))
-            n = torch.full_like(mean, x.numel() // c)
-            n, sum_x, sum_x2 = all_reduce_sum(torch.stack([n, n * mean, n * (var + mean ** 2)]))
-            mean, var = sum_x / n, (sum_x2 / n - (sum_x / n) ** 2).clamp_min(0)  # biased
-            self.running_mean.lerp_(mean.float(), self.momentum)
-            self.running_var.lerp_((var * n / (n - 1)).float(), self.momentum)
-            self.num_batches_tracked += 1
-        return SyncBatchNormFunction.apply(x, self.weight, self.bias, mean.float(), var.float(),
-                                           self.eps, n[0])
+    def backward(ctx, dy, _mean, _var):
+        x, weight, mean, invstd, count = ctx.saved_tensors
+        if fused_kernels(x):
+            sum_dy, sum_dy_xmu, d_weight, d_bias = torch.batch_norm_backward_reduce(
+                dy, x, mean, invstd, weight, True, True, True)
+            sum_dy, sum_dy_xmu = all_reduce_sum(torch.stack([sum_dy, sum_dy_xmu]).double())
+            dx = torch.batch_norm_backward_elemt(dy, x, mean, invstd, weight.to(mean.dtype),
+                                                 sum_dy.to(mean.dtype), sum_dy_xmu.to(mean.dtype),
+                                                 count)
+        else:
+            shape, dims = (1, -1) + (1,) * (dy.dim() - 2), [0, *range(2, dy.dim())]
+            x_mu, dy = x.to(mean.dtype) - mean.view(shape), dy.to(mean.dtype)
+            sum_dy, sum_dy_xmu = dy.sum(dims), (dy * x_mu).sum(dims)
+            d_weight, d_bias = sum_dy_xmu * invstd, sum_dy
+            sums = all_reduce_sum(torch.stack([sum_dy, sum_dy_xmu]).double())
+            mean_dy, mean_dy_xmu = (sums / count).to(mean.dtype)
+            dx = (dy - mean_dy.view(shape) - x_mu * (invstd ** 2 * mean_dy_xmu).view(shape)) * \
+                (weight.to(mean.dtype) * invstd).view(shape)
+        return dx.to(x.dtype), d_weight.to(weight.dtype), d_bias.to(weight.dtype), None
 
 
 def synchronize_batchnorm(module):
-    """BN statistics over the global batch (SPEC.md section 1): every BN of the module becomes
-    an AllReduceBatchNorm in place, parameters and buffers kept (state dicts unchanged)."""
+    """Every BatchNorm of the module computes its statistics over the global batch (SPEC.md
+    section 1), when several processes train."""
     for m in module.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.__class__ = AllReduceBatchNorm
+        if isinstance(m, BatchNorm):
+            m.synchronized = True
     return module
+
+
+def check_global_batch_norm(device, eps=1e-5):
+    """The global BN checked at first use on a GPU, where no test can run it: every process
+    draws the same small batch, so that the global statistics are the local ones, and the
+    output and gradients must equal F.batch_norm's; if they do not, stop with one line."""
+    g = torch.Generator(device).manual_seed(0)
+    x = torch.randn(16, 8, 5, 5, device=device, generator=g).requires_grad_()
+    weight = (1 + torch.rand(8, device=device, generator=g)).requires_grad_()
+    bias = torch.randn(8, device=device, generator=g).requires_grad_()
+    dy = torch.randn(16, 8, 5, 5, device=device, generator=g)
+    y, _, _ = GlobalBatchNorm.apply(x, weight, bias, eps)
+    ours = [y, *torch.autograd.grad(y, (x, weight, bias), dy)]
+    y = F.batch_norm(x, None, None, weight, bias, True, 0.0, eps)
+    reference = [y, *torch.autograd.grad(y, (x, weight, bias), dy)]
+    worst = max(((a - b).norm() / b.norm()).item() for a, b in zip(ours, reference))
+    if not worst < 1e-4:
+        raise UserError(f'the synchronised BN differs from torch\'s batch_norm on {device} '
+                        f'(relative error {worst:.1e}); please report this with your torch '
+                        'version')
 
 
 def autocast(device, amp):
@@ -527,7 +617,11 @@ def train(args, received):
     torch.manual_seed(args.seed)
     if device.type == 'cuda':
         torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        # --amp none is float32 throughout; under bf16 / fp16 autocast the few matrix products
+        # it leaves in float32 may use TF32 (Ampere and newer).
+        use_tf32 = args.amp != 'none'
+        torch.backends.cuda.matmul.allow_tf32 = use_tf32
+        torch.backends.cudnn.allow_tf32 = use_tf32
 
     # Data (augment.py): batches of two views on the device, labels only for the monitor.
     batches, where = augment.batches(images, args.image_size, args.batch_size // world, 'byol',
@@ -548,7 +642,9 @@ def train(args, received):
     byol = BYOL(encoder, feature_dim, args.hidden_dim, args.projection_dim, n_classes,
                 predictor=not args.no_predictor)
     if world > 1:
-        byol = synchronize_batchnorm(byol)
+        synchronize_batchnorm(byol)
+        if device.type == 'cuda':
+            check_global_batch_norm(device)
     memory_format = torch.channels_last if device.type == 'cuda' or args.arch == 'convnet' else \
         torch.contiguous_format  # on CPUs: convnet 1.47x, ResNet-18 0.75x (bench/RESULTS.md)
     byol.to(device, memory_format=memory_format)
@@ -567,8 +663,12 @@ def train(args, received):
             log(f'note: steps 1-{step} ran with --amp {saved.get("amp")}, the rest '
                 f'--amp {args.amp}')
         del checkpoint
-    model = DistributedDataParallel(byol, device_ids=[device] if device.type == 'cuda' else None) \
-        if world > 1 else byol
+    model = byol
+    if world > 1:
+        # (broadcast_buffers off: the BN statistics are the global batch's, already the same on
+        # every process; broadcasting them would add a collective to every step)
+        device_ids = [device] if device.type == 'cuda' else None
+        model = DistributedDataParallel(byol, device_ids=device_ids, broadcast_buffers=False)
     if args.compile:  # the forward and backward of both networks; the EMA and LARS stay eager
         model = torch.compile(model)
     log('recipe: ' + (f'short run (--epochs {args.epochs} < 40, the paper\'s shortest preset; '
@@ -732,8 +832,9 @@ def get_parser():
       '(--tau 0: the target is the online network under stop-gradient, paper Table 5a)')
     a('--data-on-device', action=argparse.BooleanOptionalAction, help='hold the dataset on the '
       f'device, crop there (default: named datasets, folders of <= {augment.MAX_IN_MEMORY})')
-    a('--on-device', choices=('views', 'crop', 'decode'), help='image folders: first stage on '
-      'the GPU (default views: workers decode, crop; crop: workers decode; decode: nvJPEG)')
+    a('--on-device', choices=('views', 'crop'), help='image folders on GPUs: the first stage '
+      'run on the GPU (default views: the loader workers decode and crop, the GPU augments; '
+      'crop: the workers only decode, the GPU crops and augments)')
     a('--compile', action='store_true', help='torch.compile the networks (opt-in: DDP with '
       'synchronised BN under compile has open upstream failure reports)')
     a('--workers', type=nonnegative_int, help='data-loader processes per process (default: '

@@ -448,38 +448,132 @@ def test_lars_skips_the_trust_ratio_for_zero_weights():
 # ------------------------------------------------------------------------------------------------
 
 
-def test_allreduce_batchnorm_equals_batchnorm_in_one_process():
-    bn = nn.BatchNorm2d(3)
-    synced = byol.synchronize_batchnorm(nn.Sequential(copy.deepcopy(bn)))[0]
-    assert isinstance(synced, byol.AllReduceBatchNorm)
+def haiku_moving_average(values, decay=0.9):
+    """Haiku's ExponentialMovingAverage(decay, zero_debias=True) over a sequence of values, in
+    float64, as the official code keeps BN statistics: hidden starts at 0; at update k,
+    hidden <- decay hidden + (1 - decay) v and average = hidden / (1 - decay^k)."""
+    hidden = 0
+    for k, v in enumerate(values, start=1):
+        hidden = decay * hidden + (1 - decay) * v
+    return hidden / (1 - decay ** k)
+
+
+def test_batchnorm_keeps_the_official_running_statistics():
+    bn = byol.BatchNorm(3)
+    batches = [torch.randn(8, 3, 5, 5, dtype=torch.float64) * (k + 1) + k for k in range(4)]
+    for k, x in enumerate(batches, start=1):
+        y = bn.float()(x.float())
+        # training mode normalises with the batch's own statistics (biased variance)
+        mean, var = x.mean((0, 2, 3)), x.var((0, 2, 3), unbiased=False)
+        expected = (x - mean.view(1, 3, 1, 1)) / (var.view(1, 3, 1, 1) + 1e-5).sqrt()
+        assert torch.allclose(y.double(), expected, atol=1e-5)
+        if k == 1:  # debiased: the first batch's own statistics, not 0.1 of them (torch: 1)
+            assert torch.allclose(bn.running_mean.double(), mean, atol=1e-6)
+            assert torch.allclose(bn.running_var.double(), var, atol=1e-5)
+    means = [x.mean((0, 2, 3)) for x in batches]
+    variances = [x.var((0, 2, 3), unbiased=False) for x in batches]
+    assert torch.allclose(bn.running_mean.double(), haiku_moving_average(means), atol=1e-5)
+    assert torch.allclose(bn.running_var.double(), haiku_moving_average(variances), rtol=1e-5)
+    assert bn.num_batches_tracked.item() == 4
+    # eval mode normalises with them; the state dict is torch's BatchNorm's
+    bn.eval()
+    x = batches[0].float()
+    reference = nn.BatchNorm2d(3)
+    reference.load_state_dict(bn.state_dict())
+    assert torch.equal(bn(x), reference.eval()(x))
+    # a float64 network keeps float64 statistics
+    double = byol.BatchNorm(3).double()
+    double(batches[0])
+    assert double.running_var.dtype == torch.float64
+    assert torch.allclose(double.running_var, variances[0], rtol=1e-12)
+
+
+def test_every_bn_of_the_networks_is_the_official_one():
+    model = tiny_byol()
+    for arch, width in (('resnet18', 1), ('resnet50', 2)):
+        model.online[arch] = byol.build_encoder(arch, width=width)[0]
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    assert len(norms) > 40 and all(type(m) is byol.BatchNorm for m in norms)
+
+
+def test_global_batchnorm_equals_batchnorm_in_one_process():
     x = torch.randn(8, 3, 5, 5, requires_grad=True)
-    dist = byol.dist
-    if not dist.is_initialized():
-        dist.init_process_group('gloo', init_method='tcp://127.0.0.1:0', rank=0, world_size=1)
-    try:
-        y_ref, y = bn(x), synced(x)
-        assert torch.allclose(y, y_ref, atol=1e-5)
-        g_ref, = torch.autograd.grad((y_ref ** 3).sum(), x)
-        g, = torch.autograd.grad((y ** 3).sum(), x)
-        assert torch.allclose(g, g_ref, atol=1e-4)
-        assert torch.allclose(synced.running_var, bn.running_var, atol=1e-6)
-        assert torch.allclose(synced.running_mean, bn.running_mean, atol=1e-6)
-    finally:
-        dist.destroy_process_group()
-
-
-def test_allreduce_batchnorm_keeps_bf16_activations_in_bf16():
-    # (nn.SyncBatchNorm's place on GPUs too: a bf16 input gives a bf16 output, as torch's BN)
-    bn = nn.BatchNorm2d(3)
+    bn = byol.BatchNorm(3)
     synced = byol.synchronize_batchnorm(nn.Sequential(copy.deepcopy(bn)))[0]
-    x = torch.randn(8, 3, 5, 5).bfloat16().requires_grad_()
-    y_ref, y = bn(x), synced(x)
-    assert y.dtype == y_ref.dtype == torch.bfloat16
-    assert (y.float() - y_ref.float()).abs().max() < 0.02  # one bf16 rounding of values ~2
-    g, = torch.autograd.grad((y.float() ** 3).sum(), x)
-    g_ref, = torch.autograd.grad((y_ref.float() ** 3).sum(), x)
-    assert g.dtype == torch.bfloat16
-    assert ((g.float() - g_ref.float()).norm() / g_ref.float().norm()) < 0.02
+    assert synced.synchronized and not bn.synchronized
+    y_ref = bn(x)
+    y = synced(x)  # (one process: its all-reduces are skipped)
+    assert torch.allclose(y, y_ref, atol=1e-5)
+    g_ref, = torch.autograd.grad((y_ref ** 3).sum(), x)
+    g, = torch.autograd.grad((y ** 3).sum(), x)
+    assert torch.allclose(g, g_ref, atol=1e-4)
+    assert torch.allclose(synced.running_var, bn.running_var, atol=1e-6)
+    assert torch.allclose(synced.running_mean, bn.running_mean, atol=1e-6)
+
+
+def test_global_batchnorm_keeps_the_activations_dtype():
+    # bf16 in, bf16 out (as torch's BN); float64 in, float64 out (issue: it failed there)
+    x = torch.randn(8, 3, 5, 5)
+    y_ref = byol.BatchNorm(3).double()(x.double())
+    for dtype, tolerance in ((torch.bfloat16, 0.02), (torch.float64, 1e-12)):
+        synced = byol.synchronize_batchnorm(byol.BatchNorm(3)).to(
+            torch.float64 if dtype == torch.float64 else torch.float32)
+        x_in = x.to(dtype).requires_grad_()
+        y = synced(x_in)
+        assert y.dtype == dtype
+        assert (y.double() - y_ref).abs().max() < tolerance  # one bf16 rounding of values ~2
+        g, = torch.autograd.grad((y.double() ** 3).sum(), x_in)
+        assert g.dtype == dtype
+
+
+def fused_stand_ins(monkeypatch):
+    """CPU versions of torch's fused BN kernels (CUDA only), as documented in their sources
+    (aten/src/ATen/native/cuda/Normalization.cu), so that GlobalBatchNorm's GPU path runs here:
+    the glue (argument order, the count's dtype and meaning) is what this tests; the kernels
+    themselves are checked on the GPU at first use (byol.check_global_batch_norm)."""
+    def shape(x):
+        return (1, -1) + (1,) * (x.dim() - 2)
+
+    def dims(x):
+        return [0, *range(2, x.dim())]
+
+    def elemt(x, weight, bias, mean, invstd, eps):
+        out = (x.to(mean.dtype) - mean.view(shape(x))) * (invstd * weight).view(shape(x))
+        return (out + bias.view(shape(x))).to(x.dtype)
+
+    def backward_reduce(dy, x, mean, invstd, weight, input_g, weight_g, bias_g):
+        dy, x_mu = dy.to(mean.dtype), x.to(mean.dtype) - mean.view(shape(x))
+        sum_dy, sum_dy_xmu = dy.sum(dims(x)), (dy * x_mu).sum(dims(x))
+        return sum_dy, sum_dy_xmu, (sum_dy_xmu * invstd).to(weight.dtype), sum_dy.to(weight.dtype)
+
+    def backward_elemt(dy, x, mean, invstd, weight, sum_dy, sum_dy_xmu, count):
+        assert count.dtype == torch.int32  # (the kernel reads int32 counts and sums them)
+        n = count.sum().to(mean.dtype)
+        x_mu = x.to(mean.dtype) - mean.view(shape(x))
+        dx = (dy.to(mean.dtype) - (sum_dy / n).view(shape(x))
+              - x_mu * (invstd ** 2 * sum_dy_xmu / n).view(shape(x))) * \
+            (weight * invstd).view(shape(x))
+        return dx.to(x.dtype)
+
+    monkeypatch.setattr(byol, 'fused_kernels', lambda x: True)
+    monkeypatch.setattr(torch, 'batch_norm_elemt', elemt)
+    monkeypatch.setattr(torch, 'batch_norm_backward_reduce', backward_reduce)
+    monkeypatch.setattr(torch, 'batch_norm_backward_elemt', backward_elemt)
+
+
+def test_the_fused_path_is_for_cuda_tensors_and_checks_itself(monkeypatch):
+    assert not byol.fused_kernels(torch.zeros(1))
+    cuda_like = torch.zeros(1)
+    monkeypatch.setattr(torch.Tensor, 'is_cuda', property(lambda self: True))
+    assert byol.fused_kernels(cuda_like)
+    monkeypatch.undo()
+    fused_stand_ins(monkeypatch)
+    byol.check_global_batch_norm(torch.device('cpu'))  # passes
+    # a kernel that computes something else is caught, with one line
+    monkeypatch.setattr(torch, 'batch_norm_backward_elemt',
+                        lambda dy, x, mean, invstd, weight, *rest: dy * invstd.view(1, -1, 1, 1))
+    with pytest.raises(byol.UserError, match='synchronised BN differs'):
+        byol.check_global_batch_norm(torch.device('cpu'))
 
 
 def test_bf16_is_the_default_only_where_it_is_native(monkeypatch):
@@ -537,20 +631,24 @@ def smooth_resnet18():
     return net
 
 
-def sync_bn_worker(rank, folder):
-    """One of two gloo processes of the test below: half of each batch, statistics synced."""
+def sync_bn_worker(rank, folder, fused):
+    """One of two gloo processes of the test below: half of each batch, statistics synced;
+    fused: through the GPU path's kernels (their CPU stand-ins)."""
     torch.set_num_threads(1)
     byol.dist.init_process_group('gloo', init_method=f'file://{folder}/store', rank=rank,
                                  world_size=2)
-    half = slice(4 * rank, 4 * rank + 4)
-    encoder = byol.synchronize_batchnorm(smooth_resnet18())
-    grads = []
-    for x, upstream in torch.load(folder / 'batches.pt'):
-        encoder.zero_grad()
-        encoder(x[half]).backward(upstream[half])
-        grads.append([byol.all_reduce_sum(p.grad) for p in encoder.parameters()])
-    bn = byol.synchronize_batchnorm(nn.BatchNorm1d(16))
-    y = bn(torch.load(folder / 'offset.pt')[half])
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        if fused:
+            fused_stand_ins(monkeypatch)
+        half = slice(4 * rank, 4 * rank + 4)
+        encoder = byol.synchronize_batchnorm(smooth_resnet18())
+        grads = []
+        for x, upstream in torch.load(folder / 'batches.pt'):
+            encoder.zero_grad()
+            encoder(x[half]).backward(upstream[half])
+            grads.append([byol.all_reduce_sum(p.grad) for p in encoder.parameters()])
+        bn = byol.synchronize_batchnorm(byol.BatchNorm(16))
+        y = bn(torch.load(folder / 'offset.pt')[half])
     ys = [torch.empty_like(y) for _ in range(2)]
     byol.dist.all_gather(ys, y.detach())
     if rank == 0:
@@ -558,14 +656,15 @@ def sync_bn_worker(rank, folder):
     byol.dist.destroy_process_group()
 
 
-def test_two_processes_compute_the_gradients_of_one_on_a_resnet(tmp_path):
+@pytest.mark.parametrize('fused', [False, True], ids=['cpu', 'gpu-kernels-stand-ins'])
+def test_two_processes_compute_the_gradients_of_one_on_a_resnet(fused, tmp_path):
     g = torch.Generator().manual_seed(1)
     batches = [(torch.randn(8, 3, 32, 32, generator=g), torch.randn(8, 512, generator=g))
                for _ in range(3)]
     offset = 1000 + torch.randn(8, 16, generator=g, dtype=torch.float64)  # |mean| / std ~ 1000
     torch.save(batches, tmp_path / 'batches.pt')
     torch.save(offset.float(), tmp_path / 'offset.pt')
-    torch.multiprocessing.spawn(sync_bn_worker, (tmp_path,), nprocs=2)
+    torch.multiprocessing.spawn(sync_bn_worker, (tmp_path, fused), nprocs=2)
     grads, y, running_var = torch.load(tmp_path / 'out.pt')
     encoder = smooth_resnet18()
     for (x, upstream), two in zip(batches, grads):  # 1 process, the whole batch of 8
@@ -575,10 +674,11 @@ def test_two_processes_compute_the_gradients_of_one_on_a_resnet(tmp_path):
                   for a, p in zip(two, encoder.parameters())]
         assert max(errors) < 2e-5, max(errors)  # float32 rounding: measured <= 4e-6
     # The statistics of inputs far from 0 (float32 sums of squares cancel there): as float64's
-    reference = nn.BatchNorm1d(16).double()
+    reference = byol.BatchNorm(16).double()
     expected = reference(offset)
     assert ((y.double() - expected).norm() / expected.norm()).item() < 1e-3  # measured 4e-5
-    assert torch.allclose(running_var.double(), reference.running_var, rtol=1e-2)
+    # after one update, the running variance is the global batch's (biased) variance
+    assert torch.allclose(running_var.double(), offset.var(0, unbiased=False), rtol=1e-2)
 
 
 @pytest.mark.parametrize('where', ['--data-on-device', '--no-data-on-device'])
@@ -808,7 +908,7 @@ def test_eval_every_logs_the_monitors_accuracy(image_folder, tmp_path, capsys):
 
 
 @pytest.mark.parametrize('where', [['--data-on-device'], ['--no-data-on-device'],
-                                   ['--no-data-on-device', '--on-device', 'decode'],
+                                   ['--no-data-on-device', '--on-device', 'views'],
                                    ['--no-data-on-device', '--on-device', 'crop']])
 def test_a_corrupt_image_mid_run_is_skipped_with_a_warning(where, image_folder, tmp_path, capsys):
     data = tmp_path / 'data'
@@ -819,6 +919,18 @@ def test_a_corrupt_image_mid_run_is_skipped_with_a_warning(where, image_folder, 
                                      '--output-dir', tmp_path / 'out'], capsys)
     assert code == 0 and 'done' in out
     assert 'warning: skipping unreadable image' in err and 'zzz_broken.jpg' in err
+
+
+@pytest.mark.parametrize('on_device', ['views', 'crop'])
+def test_every_placement_trains_with_loader_workers(on_device, image_folder, tmp_path):
+    # Each --on-device choice, with a loader worker as users run it, ends where the default
+    # placement without workers ends, bit for bit.
+    args = ['--data', image_folder, *TINY, '--no-data-on-device', '--epochs', '1']
+    assert run_main(byol, args + ['--output-dir', tmp_path / 'default'])[0] == 0
+    assert run_main(byol, args + ['--on-device', on_device, '--workers', '1',
+                                  '--output-dir', tmp_path / on_device])[0] == 0
+    assert_same_state(load(tmp_path / 'default' / 'checkpoint.pth'),
+                      load(tmp_path / on_device / 'checkpoint.pth'))
 
 
 def test_a_diverging_loss_stops_with_a_clear_message(image_folder, tmp_path, capsys):
@@ -1260,8 +1372,10 @@ def test_every_placement_of_the_stages_gives_the_same_views(mode, image_folder):
         torch.float32
     assert indices.tolist() == [5, 0, 63, 17, 8, 40]
     assert labels.tolist() == [images.labels[i] for i in indices.tolist()]
-    for on_device in augment.STAGES:
+    for on_device in augment.PLACEMENTS:
         assert torch.equal(views(on_device)[0], reference), on_device
+    with pytest.raises(ValueError):  # (a worker cannot send the file bytes that read returns)
+        augment.Pipeline(images, 16, mode, on_device='decode')
     with pytest.MonkeyPatch.context() as patch:  # the crops as on a GPU: all at once, from
         patch.setattr(augment, 'crops_of', augment._crops_at_once)  # the Photos the loader sent
         assert torch.equal(views('crop')[0], reference)
@@ -1328,25 +1442,50 @@ def test_the_augmentation_makes_no_new_constant_tensors_per_batch(monkeypatch):
     assert made == []
 
 
-def test_workers_come_from_the_cores_this_process_may_use(monkeypatch):
-    monkeypatch.setattr(os, 'sched_getaffinity', lambda pid: set(range(34)), raising=False)
-    monkeypatch.setenv('LOCAL_WORLD_SIZE', '8')  # torchrun's processes on this node
-    class Quota:  # cgroup v2 cpu.max: none ('max'), or 4 cores' worth of time
+def test_workers_are_this_process_share_of_the_cores_it_may_use(monkeypatch):
+    masks = {}  # the node's processes' affinity masks, as gathered over torch.distributed
+
+    def node(*ranks):  # a node of processes with these masks; this process has the first
+        monkeypatch.setattr(augment, 'affinity_mask', lambda: set(ranks[0]))
+        monkeypatch.setattr(augment, 'node_affinity_masks', lambda mask: [set(r) for r in ranks])
+        return augment.default_workers()
+    monkeypatch.setattr(augment, 'cpu_quota', lambda: None)
+    assert node(range(128)) == 127                                  # alone on the node
+    assert node(*[range(128)] * 8) == 15                            # 8 processes share it all
+    assert node(*[range(64)] * 4, *[range(64, 128)] * 4) == 15      # --numa-binding=node
+    assert node(*[range(16 * r, 16 * r + 16) for r in range(8)]) == 15  # exclusive binding
+    assert node(*[range(64)] * 8) == 7     # SLURM: one task of 64 cores, torchrun's 8 in it
+    monkeypatch.setattr(augment, 'cpu_quota', lambda: 32)               # a container's quota
+    assert node(*[range(128)] * 8) == 3                             # 32 // 8 - 1
+    # the quota itself, from cgroup v2's cpu.max: none ('max'), or 4 cores' worth of time
+    monkeypatch.undo()
+
+    class CpuMax:
         text = 'max 100000'
 
         def __init__(self, path):
-            pass
+            assert str(path) == '/sys/fs/cgroup/cpu.max'
 
         def read_text(self):
-            return Quota.text
-    monkeypatch.setattr(augment, 'Path', Quota)
-    assert augment.available_cores() == 34
-    Quota.text = '400000 100000'
-    assert augment.available_cores() == 4
-    monkeypatch.setattr(augment, 'available_cores', lambda: 34)
-    assert augment.default_workers() == 3  # 34 // 8 - 1 for the training loop
-    monkeypatch.setenv('LOCAL_WORLD_SIZE', '1')
-    assert augment.default_workers() == 33  # no cap at 10
+            return CpuMax.text
+    monkeypatch.setattr(augment, 'Path', CpuMax)
+    assert augment.cpu_quota() is None
+    CpuMax.text = '400000 100000'
+    assert augment.cpu_quota() == 4
+
+
+def node_masks_worker(rank, folder):
+    byol.dist.init_process_group('gloo', init_method=f'file://{folder}/store', rank=rank,
+                                 world_size=2)
+    masks = augment.node_affinity_masks({rank, 2 + rank})
+    torch.save(masks, folder / f'masks{rank}.pt')
+    byol.dist.destroy_process_group()
+
+
+def test_the_node_processes_gather_their_affinity_masks(tmp_path):
+    torch.multiprocessing.spawn(node_masks_worker, (tmp_path,), nprocs=2)
+    for rank in (0, 1):
+        assert torch.load(tmp_path / f'masks{rank}.pt') == [{0, 2}, {1, 3}]
 
 
 def test_a_small_dev_shm_lowers_the_batches_in_flight(image_folder, monkeypatch, capsys):
@@ -1361,9 +1500,20 @@ def test_a_small_dev_shm_lowers_the_batches_in_flight(image_folder, monkeypatch,
     free['bytes'] = 2 * 3 * batch  # room for 3 batches in half of it
     assert loader.shared_memory_budget(8) == (3, 1)
     assert 'room for 3 batches in flight of 18 MB' in capsys.readouterr().err
-    pipeline.split = len(augment.STAGES)  # float32 views from the loader: 4x the bytes
-    free['bytes'] = 2 * 3 * batch
+    monkeypatch.setenv('LOCAL_WORLD_SIZE', '3')  # three training processes share /dev/shm
     assert loader.shared_memory_budget(8) == (1, 1)
+    free['bytes'] = 2 * 3 * batch - 4096  # not even one batch in each one's share
+    with pytest.raises(augment.UserError, match=r'one batch of 64 in flight takes 18 MB.*'
+                       r'--shm-size 16g.*--workers 0'):
+        loader.shared_memory_budget(8)
+    assert loader.shared_memory_budget(0) == (0, None)  # (no workers: nothing in /dev/shm)
+    monkeypatch.setenv('LOCAL_WORLD_SIZE', '1')
+    pipeline.split = len(augment.STAGES)  # float32 views from the loader: 4x the bytes
+    free['bytes'] = 2 * 4 * batch
+    assert loader.shared_memory_budget(8) == (1, 1)
+    free['bytes'] = 2 * 3 * batch
+    with pytest.raises(augment.UserError, match='one batch of 64 in flight takes 74 MB'):
+        loader.shared_memory_budget(8)
     pipeline.split = augment.STAGES.index('crop')  # whole photos: 470 x 390 on average
     free['bytes'] = 2 * 3 * 64 * 3 * 470 * 390 + 8192  # (in whole 4 kB blocks)
     assert loader.shared_memory_budget(8) == (3, 1)
