@@ -395,7 +395,8 @@ def color_jitter(x, u, view):
     Batched without masks: at each of the four positions, the images are grouped by the op they
     drew for it, and each op runs on its own group only (gathered, adjusted, written back), so an
     image runs exactly its four ops (running every op on every image, with identity parameters
-    for the others, costs 4x the work and changes bits: (x - m) * 1 + m is not always x).
+    for the others, moved 2.9x the bytes, bench/RESULTS.md, and changed bits: (x - m) * 1 + m
+    is not always x).
     The groups' sizes are read from u on the host, so u on the host (the pipeline's way) makes
     nothing wait for the device; u on a GPU is copied to the host once, a wait for its queue."""
     host = u.cpu()
