@@ -13,6 +13,7 @@ import ast
 import colorsys
 import contextlib
 import copy
+import itertools
 import json
 import math
 import os
@@ -1231,16 +1232,21 @@ def test_solarize_grayscale_brightness_contrast_on_known_inputs():
 def test_saturation_and_hue_match_colorsys():
     pixels = torch.rand(3, 50)
     x = pixels.view(1, 3, 1, 50)
-    out = augment.adjust_saturation_hue(x, torch.tensor([0.7]), torch.tensor([0.15]))[0, :, 0]
+    saturated = augment.adjust_saturation(x, torch.tensor([0.7]))[0, :, 0]
+    shifted = augment.adjust_hue(x, torch.tensor([-0.15]))[0, :, 0]
+    both = augment.adjust_hue(augment.adjust_saturation(x, torch.tensor([1.3])),
+                              torch.tensor([0.15]))[0, :, 0]
     for i in range(50):
         h, s, v = colorsys.rgb_to_hsv(*pixels[:, i].tolist())
-        expected = colorsys.hsv_to_rgb((h + 0.15) % 1, min(1.0, s * 0.7), v)
-        assert torch.allclose(out[:, i], torch.tensor(expected), atol=1e-5)
+        for out, expected in ((saturated, (h, s * 0.7, v)), (shifted, ((h - 0.15) % 1, s, v)),
+                              (both, ((h + 0.15) % 1, min(1.0, s * 1.3), v))):
+            assert torch.allclose(out[:, i], torch.tensor(colorsys.hsv_to_rgb(*expected)),
+                                  atol=1e-5)
     red = torch.tensor([1.0, 0.0, 0.0]).view(1, 3, 1, 1)
-    cyan = augment.adjust_saturation_hue(red, torch.tensor([1.0]), torch.tensor([0.5]))
+    cyan = augment.adjust_hue(red, torch.tensor([0.5]))
     assert torch.allclose(cyan.flatten(), torch.tensor([0.0, 1.0, 1.0]), atol=1e-6)
-    gray = augment.adjust_saturation_hue(red, torch.tensor([0.0]), torch.tensor([0.0]))
-    assert torch.allclose(gray.flatten(), torch.ones(3), atol=1e-6)
+    white = augment.adjust_saturation(red, torch.tensor([0.0]))
+    assert torch.allclose(white.flatten(), torch.ones(3), atol=1e-6)
 
 
 def test_jitter_runs_the_ops_in_the_drawn_order():
@@ -1264,6 +1270,83 @@ def test_jitter_runs_the_ops_in_the_drawn_order():
     off = brightness_first.clone()
     off[0, augment.SLOT['jitter']] = 0.9  # above p = 0.8: no jitter
     assert torch.allclose(augment.color_jitter(x, off, augment.T), x, atol=1e-5)
+
+
+JITTER_OPS = ('brightness', 'contrast', 'saturation', 'hue')
+
+
+def jitter_one_image_at_a_time(x, u, view):
+    """The colour jitter written out as a loop over the images: an image whose coin is on runs
+    the four ops, the one of lowest order key first; the others run none."""
+    out = []
+    for image, v in zip(x, u):
+        image = image[None]
+        if v[augment.SLOT['jitter']] < view['jitter_p']:
+            keys = [v[augment.SLOT[f'order_{name}']].item() for name in JITTER_OPS]
+            for name in sorted(JITTER_OPS, key=lambda name: keys[JITTER_OPS.index(name)]):
+                r = 2 * v[augment.SLOT[name]:augment.SLOT[name] + 1] - 1  # U[-1, 1], (1,)
+                if name == 'brightness':
+                    image = augment.adjust_brightness(image, r * view['brightness'])
+                elif name == 'contrast':
+                    image = augment.adjust_contrast(image, 1 + r * view['contrast'])
+                elif name == 'saturation':
+                    image = augment.adjust_saturation(image, 1 + r * view['saturation'])
+                else:
+                    image = augment.adjust_hue(image, r * view['hue'])
+        out.append(image)
+    return torch.cat(out)
+
+
+def every_jitter_order(n_per_order=2):
+    """Colourful 8x8 images and uniforms: n_per_order images for each of the 24 orders of the
+    four ops, half of them with the jitter coin on, half off -> x (48, 3, 8, 8), u (48, N_SLOTS)."""
+    orders = list(itertools.permutations(range(4)))
+    n = len(orders) * n_per_order
+    x = torch.rand(n, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    u = augment.uniforms(0, 0, torch.arange(n))[:, 0]
+    first = augment.SLOT['order_brightness']
+    for i in range(n):
+        keys = u[i, first:first + 4].sort().values  # the image's keys, given to the ops in order
+        u[i, first:first + 4] = keys[list(orders[i % len(orders)])]
+        u[i, augment.SLOT['jitter']] = 0.3 if i < n // 2 else 0.9  # on (p 0.8), off
+    return x, u
+
+
+@pytest.mark.parametrize('view', [augment.T, augment.T_PRIME], ids=['T', "T'"])
+def test_jitter_runs_each_drawn_op_once_per_image_as_a_loop_over_images(view, monkeypatch):
+    x, u = every_jitter_order()
+    first = augment.SLOT['order_brightness']
+    assert len({tuple(k) for k in u[:, first:first + 4].argsort(dim=1).tolist()}) == 24
+    expected = jitter_one_image_at_a_time(x, u, view)
+    images_seen = Counter()
+
+    def counting(name, adjust):  # adjust, counting the images it adjusts
+        def counted(y, parameter):
+            images_seen[name] += len(y)
+            return adjust(y, parameter)
+        return counted
+    for name in JITTER_OPS:
+        monkeypatch.setattr(augment, f'adjust_{name}',
+                            counting(name, getattr(augment, f'adjust_{name}')))
+    out = augment.color_jitter(x, u, view)
+    assert torch.equal(out, expected)
+    assert images_seen == {name: len(x) // 2 for name in JITTER_OPS}  # the 24 whose coin is on
+    assert torch.equal(out[len(x) // 2:], x[len(x) // 2:])             # the others untouched
+    assert not torch.equal(out[:len(x) // 2], x[:len(x) // 2])
+
+
+def test_the_pipeline_reads_no_number_back_from_the_device():
+    # The jitter's group sizes come from the uniforms on the host: the views stage runs on the
+    # meta device, where reading a tensor's values back (a wait for a GPU's queue) is an error.
+    crops = torch.empty(6, 2, 3, 16, 16, dtype=torch.uint8, device='meta')
+    u = augment.uniforms(0, 0, torch.arange(6))
+    for mode in augment.MODES:
+        views = augment.Pipeline(None, 16, mode).views(crops[:, :augment.MODES[mode]], u, None,
+                                                       None)
+        assert views.device.type == 'meta'
+        assert views.shape == (augment.MODES[mode], 6, 3, 16, 16)
+    with pytest.raises(NotImplementedError):  # (what reading from the device does there)
+        augment.color_jitter(crops[:, 0].float(), u[:, 0].to('meta'), augment.T)
 
 
 def test_blur_kernel_is_normalised_gaussian_with_zero_padding():

@@ -71,7 +71,7 @@ def make_step(args, device, batched_augment=True, amp=None, channels_last=None, 
     forward = torch.compile(model) if compile else model
     crops = torch.randint(0, 256, (args.batch_size, 2, 3, args.image_size, args.image_size),
                           dtype=torch.uint8, device=device)
-    u = augment.uniforms(0, 0, torch.arange(args.batch_size, device=device))
+    u = augment.uniforms(0, 0, torch.arange(args.batch_size))  # on the host, as the loader's
 
     def step():
         v1, v2 = two_views(crops, u) if batched_augment else per_image_views(crops, u)
