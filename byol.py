@@ -4,19 +4,25 @@ An online network (encoder f, projector g, predictor q) learns to predict, from 
 of an image, the projection that a target network (f', g') makes of another view. The target's
 weights are an exponential moving average of the online ones; no negative pairs are used.
 Paper sections: 3.1 (method), 3.3 (implementation), appendices A, B, J. Numbers: ../shared/SPEC.md.
-The method and its loop, in the paper's order; the data side (image sources, T and T', the
-loader) is augment.py; evaluation is linear_eval.py, semi_sup.py and transfer.py.
+
+Read it with the paper open: the method comes first, in the paper's order (networks f, g, q; the
+loss; the BYOL module and its target update; the schedules of tau and the lr; LARS; one training
+step). The running of it follows under its own banner: processes and the synchronised BN,
+precision, checkpoints, the loop and its bookkeeping, the command line. The data side (image
+sources, T and T', the loader) is augment.py; evaluation is linear_eval.py, semi_sup.py and
+transfer.py.
 
 Commands
-    python byol.py --data cifar10 --data-root DIR --arch convnet --batch-size 256 --epochs 10 # CPU
-    python byol.py --data /imagenet                    # one GPU, paper defaults (1000 epochs)
+    python byol.py --data ../shared/data/cifar10 --arch convnet --width 16 --batch-size 128 \
+        --epochs 3 --output-dir runs/cifar                                    # CPU, minutes
+    python byol.py --data /imagenet                    # one GPU, the paper's defaults (1000 epochs)
     torchrun --nproc_per_node=8 byol.py --data /imagenet --output-dir runs/r50
         (several nodes, SLURM and preemption: README.md)
   The same command again resumes from <output-dir>/checkpoint.pth. The final encoder goes to
   <output-dir>/encoder.pth (for torchvision.models.<arch>()), its settings to encoder.json.
 
-Measured (README.md has the table): CIFAR-10 JPEG folder, --arch convnet --width 16, one epoch
-(390 x 128, float32) in 1.4 min, 2 CPU cores: linear probe 42.2% (random) -> 45.0% (BYOL), 3 seeds.
+Measured (README.md has the tables): CIFAR-10 JPEG folder, --arch convnet --width 16, batch 128,
+3 epochs in 6 CPU-minutes (2 cores, float32): linear probe 42.2% (random init) -> 48.2%, 3 seeds.
 """
 import argparse
 import copy
@@ -38,7 +44,8 @@ from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 import augment
 from augment import UserError
 
-# epochs: (base lr, weight decay, base tau), from the official configs/byol.py (SPEC.md section 0).
+# The official configs/byol.py's presets, keyed by epochs: (base lr, weight decay, base tau)
+# (SPEC.md section 0).
 PRESETS = {40: (0.45, 1e-6, 0.97), 100: (0.45, 1e-6, 0.99), 300: (0.3, 1e-6, 0.99),
            1000: (0.2, 1.5e-6, 0.996)}
 # DEVIATION: runs under 40 epochs (no paper preset) take the short-run recipe (README.md, "Short
@@ -53,21 +60,23 @@ ENCODER_SETTINGS = ('arch', 'width', 'small_images', 'image_size')
 RUN_SETTINGS = ('arch', 'width', 'small_images', 'image_size', 'hidden_dim', 'projection_dim',
                 'epochs', 'batch_size', 'lr', 'wd', 'tau', 'warmup_epochs', 'seed',
                 'no_predictor', 'constant_tau')
-SYNC_EVERY = 5  # steps between the loop's host synchronisations (loss check, preemption flag)
+
+# ================================================================================================
+# The method (paper section 3)
+# ================================================================================================
 
 # ------------------------------------------------------------------------------------------------
-# Encoder f (paper section 3.3: ResNet-50; wider and deeper ResNets, Table 1b)
+# BatchNorm as the official code keeps it (every BN of f, g and q)
 # ------------------------------------------------------------------------------------------------
 
 
 class BatchNorm(nn.modules.batchnorm._BatchNorm):
     """BatchNorm as the official code's (Haiku's BatchNorm, decay 0.9, eps 1e-5; SPEC.md
-    section 1), for every BN of f, g and q. In training it normalises with the batch's
-    statistics, those of the global batch once synchronized (synchronize_batchnorm: every
-    multi-process run of byol.py), and keeps as running statistics Haiku's zero-debiased moving
-    averages of the batch mean and of the biased batch variance (update_statistics); eval mode
-    normalises with those. Its parameters and buffers are torch's BatchNorm's (state dicts load
-    into torchvision's models as they are)."""
+    section 1). In training it normalises with the batch's statistics (the global batch's once
+    synchronized: synchronize_batchnorm, every multi-process run of byol.py) and keeps as
+    running statistics Haiku's zero-debiased moving averages of the batch mean and of the
+    biased batch variance (update_statistics); eval mode normalises with those. Parameters and
+    buffers are torch's BatchNorm's, so state dicts load into torchvision's models as they are."""
     synchronized = False
 
     def _check_input_dim(self, x):
@@ -100,15 +109,22 @@ class BatchNorm(nn.modules.batchnorm._BatchNorm):
         self.running_mean.lerp_(mean.to(weight.dtype), weight)
         self.running_var.lerp_(var.to(weight.dtype), weight)
 
+# ------------------------------------------------------------------------------------------------
+# Encoder f (paper section 3.3: ResNet-50; wider and deeper ResNets, Table 1b)
+# ------------------------------------------------------------------------------------------------
+
 
 def convnet(width=32):
     """A small encoder for CPU runs: four 3x3 conv-BN-ReLU layers of width w, 2w, 4w, 8w, max-pool
     after the first three, global average pool. Not in the paper."""
     layers, channels = [], 3
     for i, out in enumerate((width, 2 * width, 4 * width, 8 * width)):
-        layers += [nn.Sequential(nn.Conv2d(channels, out, 3, padding=1, bias=False),
-                                 BatchNorm(out), nn.ReLU(inplace=True),
-                                 nn.MaxPool2d(2) if i < 3 else nn.Identity())]
+        if i < 3:
+            pool = nn.MaxPool2d(2)
+        else:
+            pool = nn.Identity()
+        layers.append(nn.Sequential(nn.Conv2d(channels, out, 3, padding=1, bias=False),
+                                    BatchNorm(out), nn.ReLU(inplace=True), pool))
         channels = out
     return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
 
@@ -122,7 +138,8 @@ RESNET_LAYERS = {'resnet18': (BasicBlock, [2, 2, 2, 2]), 'resnet34': (BasicBlock
 def resnet(arch, width=1):
     """torchvision's ResNet, with every layer's channels multiplied by `width` for the paper's
     ResNet-50 (2x) and (4x) (stem and outputs too; torchvision's wide_resnet50_2 widens only the
-    inner 3x3 convolutions)."""
+    inner 3x3 convolutions). ResNet-18 and -34 are torchvision's, not the paper's networks: the
+    official code's ResNet-18 also has a 1x1 projection shortcut in its first block."""
     block, layers = RESNET_LAYERS[arch]
     if width == 1:
         return ResNet(block, layers, norm_layer=BatchNorm)
@@ -153,21 +170,28 @@ def official_init(module):
     return module
 
 
+def feature_dim(arch, width):
+    """The width of f's representation y: 2048 for a ResNet-50, 8 w for the convnet."""
+    if arch == 'convnet':
+        return 8 * width
+    block, _ = RESNET_LAYERS[arch]
+    return 512 * width * block.expansion
+
+
 def build_encoder(arch, small_images=False, width=None):
     """Encoder f without its classifier -> (module, feature_dim), initialised as the official
     code."""
     if arch == 'convnet':
         width = width or 32
-        return official_init(convnet(width)), 8 * width
+        return official_init(convnet(width)), feature_dim(arch, width)
     if arch not in RESNET_LAYERS:
         raise UserError(f'unknown --arch {arch}; choose one of {", ".join(ARCHS)}')
     net = resnet(arch, width or 1)
     if small_images:  # CIFAR-size inputs: 3x3 stride-1 stem, no max-pool (SPEC.md section 0)
         net.conv1 = nn.Conv2d(3, net.conv1.out_channels, 3, stride=1, padding=1, bias=False)
         net.maxpool = nn.Identity()
-    feature_dim = net.fc.in_features
     net.fc = nn.Identity()
-    return official_init(net), feature_dim
+    return official_init(net), feature_dim(arch, width or 1)
 
 # ------------------------------------------------------------------------------------------------
 # Projector g and predictor q (paper section 3.3)
@@ -228,8 +252,10 @@ class BYOL(nn.Module):
             encoder=encoder,                                        # f_theta
             projector=mlp(feature_dim, hidden_dim, projection_dim),  # g_theta
             predictor=mlp(projection_dim, hidden_dim, projection_dim)))  # q_theta
-        if not predictor:  # ABLATION (--no-predictor, paper Table 5b): q is the identity, the
-            self.online['predictor'] = nn.Identity()  # online projection regresses the target's
+        if not predictor:
+            # ABLATION (--no-predictor, paper Table 5b): q is the identity, the online
+            # projection regresses the target's directly.
+            self.online['predictor'] = nn.Identity()
         if n_classes:
             self.online['classifier'] = official_init(nn.Linear(feature_dim, n_classes))
         # DEVIATION (minor): the target starts as a copy of the online network, as the paper's
@@ -274,18 +300,21 @@ class BYOL(nn.Module):
 # ------------------------------------------------------------------------------------------------
 
 
+def cosine_decay(step, total_steps):
+    """(1 + cos(pi k / K)) / 2: 1 at k = 0, 0 at k = K (and after)."""
+    return 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps))
+
+
 def target_tau(step, total_steps, base_tau):
     """tau_k = 1 - (1 - tau_base) (cos(pi k / K) + 1) / 2: tau_base at k = 0, 1 at k = K."""
-    k = min(step, total_steps)
-    return 1 - (1 - base_tau) * (math.cos(math.pi * k / total_steps) + 1) / 2
+    return 1 - (1 - base_tau) * cosine_decay(step, total_steps)
 
 
 def learning_rate(step, total_steps, warmup_steps, peak_lr):
     """Linear warmup from 0 over warmup_steps, then cosine decay to 0 at total_steps."""
     if step < warmup_steps:
         return peak_lr * step / warmup_steps
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    return peak_lr * 0.5 * (1 + math.cos(math.pi * progress))
+    return peak_lr * cosine_decay(step - warmup_steps, max(1, total_steps - warmup_steps))
 
 # ------------------------------------------------------------------------------------------------
 # LARS (You et al., 2017) as BYOL uses it (SPEC.md section 2)
@@ -338,32 +367,78 @@ def lars_param_groups(model, weight_decay):
     for module in model.modules():
         is_norm = isinstance(module, (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm))
         for name, p in module.named_parameters(recurse=False):
-            if p.requires_grad:
-                (excluded if is_norm or name == 'bias' else adapted).append(p)
+            if not p.requires_grad:
+                continue
+            if is_norm or name == 'bias':
+                excluded.append(p)
+            else:
+                adapted.append(p)
     return [dict(params=adapted, weight_decay=weight_decay, lars=True),
             dict(params=excluded, weight_decay=0.0, lars=False)]
 
 # ------------------------------------------------------------------------------------------------
-# Distributed setup (torchrun sets RANK / WORLD_SIZE / LOCAL_RANK), BN over the global batch
+# One training step (paper appendix J's update)
+# ------------------------------------------------------------------------------------------------
+
+
+def train_step(model, byol, optimizer, scaler, v1, v2, labels, lr, tau, amp):
+    """One step of BYOL on views v1 ~ T and v2 ~ T' (B, 3, S, S): the loss of both networks on
+    both views, its gradient for the online network, a LARS step on theta at learning rate lr,
+    then the target's moving average with tau (after the online step, with the new theta, as
+    the official code). model is byol, or byol wrapped for several processes -> the monitor."""
+    for group in optimizer.param_groups:
+        group['lr'] = lr
+    # DEVIATION: the paper trains in float32; --amp bf16 (the default where faster) multiplies in
+    # bfloat16, as TPUs do under JAX's default precision; a CIFAR run learns the same within
+    # seed noise (README, "Precision").
+    with autocast(v1.device, amp):
+        loss, monitor = model(v1, v2, labels)       # forward: online and target, both views
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()                   # gradients reach the online network only
+    scaler.step(optimizer)                          # online:  theta <- LARS(theta, grad)
+    scaler.update()
+    byol.update_target(tau)                         # target:  xi <- tau xi + (1 - tau) theta
+    return monitor
+
+# ================================================================================================
+# Running it: processes, precision, checkpoints, the loop, the command line
+# ================================================================================================
+
+# ------------------------------------------------------------------------------------------------
+# Processes (torchrun sets RANK / WORLD_SIZE / LOCAL_RANK) and BN over the global batch
 # ------------------------------------------------------------------------------------------------
 
 
 def setup_distributed():
-    """-> (rank, world_size, device). One process per GPU under torchrun; gloo on CPU."""
+    """-> (rank, world_size, device). One process per GPU under torchrun; gloo on CPU, or on GPUs
+    with BYOL_BACKEND=gloo (checks that run several processes on one GPU, which NCCL refuses)."""
     if 'RANK' not in os.environ:
-        return 0, 1, torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+        if torch.cuda.is_available():
+            return 0, 1, torch.device('cuda')
+        return 0, 1, torch.device('cpu')
     rank, world, local_rank = (int(os.environ[k]) for k in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK'))
-    device = torch.device('cuda', local_rank) if torch.cuda.is_available() else torch.device('cpu')
-    if device.type == 'cuda':
+    if torch.cuda.is_available():
+        backend = os.environ.get('BYOL_BACKEND', 'nccl')
+        gpus = torch.cuda.device_count()
+        if backend == 'nccl' and local_rank >= gpus:
+            raise UserError(f'local rank {local_rank} but {gpus} GPUs on this node: start at '
+                            f'most {gpus} processes per node (torchrun --nproc_per_node={gpus})')
+        device = torch.device('cuda', local_rank % gpus)
         torch.cuda.set_device(device)
+    else:
+        device, backend = torch.device('cpu'), 'gloo'
     if not dist.is_initialized():
-        dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo', device_id=(
-            device if device.type == 'cuda' else None))
+        if backend == 'nccl':
+            dist.init_process_group(backend, device_id=device)
+        else:
+            dist.init_process_group(backend)
     return rank, world, device
 
 
 def world_size():
-    return dist.get_world_size() if dist.is_initialized() else 1
+    if dist.is_initialized():
+        return dist.get_world_size()
+    return 1
 
 
 def is_main():
@@ -375,11 +450,6 @@ def log(*message):
         print(*message, flush=True)
 
 
-def format_time(seconds):
-    m, s = divmod(int(seconds), 60)
-    return f'{m // 60}h{m % 60:02d}m' if m >= 60 else f'{m}m{s:02d}s'
-
-
 def all_reduce_sum(t):
     """t summed over all processes, in place (unchanged in a single process)."""
     if world_size() > 1:
@@ -387,9 +457,34 @@ def all_reduce_sum(t):
     return t
 
 
+def from_rank0(compute):
+    """compute() run by rank 0 alone, its result (or the UserError it raised) sent to every
+    process, which raises it too."""
+    result = [None]
+    if is_main():
+        try:
+            result[0] = compute()
+        except UserError as e:
+            result[0] = e
+    if world_size() > 1:
+        dist.broadcast_object_list(result, src=0)
+    if isinstance(result[0], UserError):
+        raise result[0]
+    return result[0]
+
+
+def synchronize_batchnorm(module):
+    """Every BatchNorm of the module computes its statistics over the global batch (SPEC.md
+    section 1), when several processes train."""
+    for m in module.modules():
+        if isinstance(m, BatchNorm):
+            m.synchronized = True
+    return module
+
+
 def fused_kernels(x):
     """Whether x's device has torch's fused BN kernels (batch_norm_elemt and the rest: CUDA only;
-    a test stands CPU versions in for them here)."""
+    a test stands CPU versions in for them)."""
     return x.is_cuda
 
 
@@ -411,10 +506,9 @@ class GlobalBatchNorm(torch.autograd.Function):
     >> std: at mean/std = 1000 that lost 10% of it). Backward: one all-reduce of the sums of dy
     and dy (x - mean), the input gradient's only global terms:
         dx = gamma invstd (dy - sum(dy) / N - (x - mean) invstd^2 sum(dy (x - mean)) / N).
-    On GPUs through torch's fused kernels (those of nn.SyncBatchNorm, without its empty-batch
-    mask, the source of its host synchronisation; checked at first use:
-    check_global_batch_norm), elsewhere in plain ops. -> (y, mean, var), the last two for the
-    running statistics."""
+    On GPUs through torch's fused kernels (nn.SyncBatchNorm's, without its empty-batch mask, the
+    source of its host synchronisation; checked at first use: check_global_batch_norm),
+    elsewhere in plain ops. -> (y, mean, var), the last two for the running statistics."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, eps):
@@ -422,8 +516,9 @@ class GlobalBatchNorm(torch.autograd.Function):
         n = torch.full_like(mean, x.numel() // x.shape[1], dtype=torch.float64)
         stats = torch.stack([n, n * mean, n * (var + mean.double() ** 2)])
         n, sum_x, sum_x2 = all_reduce_sum(stats)
-        mean64 = sum_x / n
-        mean, var = mean64.to(mean.dtype), (sum_x2 / n - mean64 ** 2).clamp_min(0).to(var.dtype)
+        global_mean = sum_x / n
+        global_var = (sum_x2 / n - global_mean ** 2).clamp_min(0)
+        mean, var = global_mean.to(mean.dtype), global_var.to(var.dtype)
         invstd = (var + eps).rsqrt()
         if fused_kernels(x):
             y = torch.batch_norm_elemt(x, weight, bias, mean, invstd, eps)
@@ -456,15 +551,6 @@ class GlobalBatchNorm(torch.autograd.Function):
         return dx.to(x.dtype), d_weight.to(weight.dtype), d_bias.to(weight.dtype), None
 
 
-def synchronize_batchnorm(module):
-    """Every BatchNorm of the module computes its statistics over the global batch (SPEC.md
-    section 1), when several processes train."""
-    for m in module.modules():
-        if isinstance(m, BatchNorm):
-            m.synchronized = True
-    return module
-
-
 def check_global_batch_norm(device, eps=1e-5):
     """The global BN checked at first use on a GPU, where no test can run it: every process
     draws the same small batch, so that the global statistics are the local ones, and the
@@ -484,6 +570,10 @@ def check_global_batch_norm(device, eps=1e-5):
                         f'(relative error {worst:.1e}); please report this with your torch '
                         'version')
 
+# ------------------------------------------------------------------------------------------------
+# Precision and the device
+# ------------------------------------------------------------------------------------------------
+
 
 def autocast(device, amp):
     dtype = AMP_DTYPES.get(amp, torch.float32)
@@ -496,11 +586,44 @@ def default_amp():
     CPUs with AMX (measured 1.9x for a ResNet-18 step, bench/RESULTS.md), float32 elsewhere
     (bf16 ran at 0.73x of float32 with AVX-512 BF16 but no AMX, and 0.32x with neither)."""
     if torch.cuda.is_available():
-        return 'bf16' if torch.cuda.get_device_capability()[0] >= 8 else 'none'
-    return 'bf16' if getattr(torch.cpu, '_is_amx_tile_supported', lambda: False)() else 'none'
+        if torch.cuda.get_device_capability()[0] >= 8:
+            return 'bf16'
+        return 'none'
+    if getattr(torch.cpu, '_is_amx_tile_supported', lambda: False)():
+        return 'bf16'
+    return 'none'
+
+
+def configure_device(device, amp):
+    """On GPUs: cuDNN picks the fastest convolutions; TF32 is allowed only under autocast (the
+    few matrix products that bf16 / fp16 autocast leaves in float32), so that --amp none is
+    float32 throughout."""
+    if device.type == 'cuda':
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = amp != 'none'
+        torch.backends.cudnn.allow_tf32 = amp != 'none'
+
+
+# Saved activations of a ResNet-50 step at 224 px per image (two views, both networks), measured
+# in bf16 on a GPU (bench/RESULTS.md); float32 doubles them. An estimate for other networks.
+RESNET50_BYTES_PER_IMAGE = 83.5 * 2 ** 20
+
+
+def out_of_memory(args, world, device):
+    """The one line for a CUDA out-of-memory error: what fits, and what to do."""
+    per_gpu = args.batch_size // world
+    total = torch.cuda.get_device_properties(device).total_memory
+    per_image = RESNET50_BYTES_PER_IMAGE
+    if args.amp == 'none':
+        per_image *= 2
+    fits = int((total - 4 * 2 ** 30) / per_image)  # (4 GiB: weights, optimizer, workspace)
+    return (f'the GPU ran out of memory at {per_gpu} images per GPU ({args.arch}, '
+            f'{args.image_size} px, --amp {args.amp}, {total / 2 ** 30:.0f} GiB); a ResNet-50 at '
+            f'224 px fits about {fits} per GPU here (an estimate: README.md, "Memory"): use more '
+            f'GPUs, or a smaller --batch-size (the peak lr follows, lr x batch / 256)')
 
 # ------------------------------------------------------------------------------------------------
-# Checkpoints: atomic writes, unwrapped state dicts; load_encoder for the evaluation scripts
+# Checkpoints: atomic writes, unwrapped state dicts, resuming
 # ------------------------------------------------------------------------------------------------
 
 
@@ -511,7 +634,10 @@ def save_atomic(obj, path):
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f'.{path.name}.tmp')
     with open(tmp, 'wb') as f:
-        f.write(obj) if isinstance(obj, bytes) else torch.save(obj, f)
+        if isinstance(obj, bytes):
+            f.write(obj)
+        else:
+            torch.save(obj, f)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -530,7 +656,9 @@ def load_file(path, what='checkpoint'):
 def save_checkpoint(path, byol, optimizer, scaler, step, config):
     """Everything a resumed run needs, as unwrapped state dicts; written by rank 0 only."""
     if is_main():
-        cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+        cuda_rng = []
+        if torch.cuda.is_available():
+            cuda_rng = torch.cuda.get_rng_state_all()
         save_atomic(dict(online=byol.online.state_dict(), target=byol.target.state_dict(),
                          optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), step=step,
                          config=config, rng=dict(torch=torch.get_rng_state(), cuda=cuda_rng)), path)
@@ -539,21 +667,15 @@ def save_checkpoint(path, byol, optimizer, scaler, step, config):
 
 
 def find_checkpoint(resume, out):
-    """-> (path, checkpoint) or (None, None), as rank 0 finds them (--resume, else the output
-    folder's checkpoint.pth), sent whole to every process: where the output folders are local
-    to each node, the other nodes would start afresh."""
-    found = [None, None, None]  # path, checkpoint, error
-    if is_main():
-        found[0] = resume or (out / 'checkpoint.pth' if (out / 'checkpoint.pth').exists() else None)
-        try:
-            found[1] = load_file(found[0]) if found[0] else None
-        except UserError as e:
-            found[2] = str(e)
-    if world_size() > 1:
-        dist.broadcast_object_list(found, src=0)
-    if found[2]:
-        raise UserError(found[2])
-    return found[:2]
+    """-> (path, checkpoint) to resume from (--resume, else the output folder's checkpoint.pth),
+    or (None, None). Rank 0 calls it and sends the result to every process (from_rank0): where
+    the output folders are local to each node, the other nodes would start afresh."""
+    path = resume
+    if path is None and (out / 'checkpoint.pth').exists():
+        path = out / 'checkpoint.pth'
+    if path is None:
+        return None, None
+    return path, load_file(path)
 
 
 def check_resumable(checkpoint, config, path):
@@ -567,6 +689,17 @@ def check_resumable(checkpoint, config, path):
     if diffs:
         raise UserError(f'{path} was made with {", ".join(diffs)}: resume with the same settings, '
                         'or choose a new --output-dir')
+
+
+def load_checkpoint(checkpoint, byol, optimizer, scaler):
+    """A resumed run's state, as save_checkpoint wrote it -> the step to continue from."""
+    byol.online.load_state_dict(checkpoint['online'])
+    byol.target.load_state_dict(checkpoint['target'])
+    optimizer.load_state_dict(checkpoint['optimizer'])
+    if checkpoint['scaler'] and scaler.is_enabled():  # fp16 then and now: its loss scale
+        scaler.load_state_dict(checkpoint['scaler'])
+    torch.set_rng_state(checkpoint['rng']['torch'])
+    return checkpoint['step']
 
 
 def settings_file(path):
@@ -586,10 +719,97 @@ def check_output_dir(path):
     or written (a file in the way, no permission); nothing is created here."""
     path = Path(path).absolute()
     existing = next(p for p in (path, *path.parents) if p.exists())
-    problem = 'is a file, not a folder' if not existing.is_dir() else None if os.access(
-        existing, os.W_OK | os.X_OK) else 'is not writable'
-    if problem:
-        raise UserError(f'--output-dir {path}: {existing} {problem}; choose another --output-dir')
+    if not existing.is_dir():
+        problem = 'is a file, not a folder'
+    elif not os.access(existing, os.W_OK | os.X_OK):
+        problem = 'is not writable'
+    else:
+        return
+    raise UserError(f'--output-dir {path}: {existing} {problem}; choose another --output-dir')
+
+# ------------------------------------------------------------------------------------------------
+# The loop's bookkeeping: progress lines, the NaN stop, preemption, the JSON log
+# ------------------------------------------------------------------------------------------------
+SYNC_EVERY = 5  # steps between the loop's host synchronisations (loss check, preemption flag)
+
+
+class Progress:
+    """What the loop keeps track of besides BYOL itself. The monitor's sums stay on the device
+    and are read every SYNC_EVERY steps, one host synchronisation: their global means, a stop on
+    a non-finite loss, the progress line (images/s, ETA), and whether any process received a
+    preemption signal (all must stop together). After each epoch, one JSON line."""
+
+    def __init__(self, args, step, total_steps, steps_per_epoch, received, device, labelled):
+        self.args, self.total_steps, self.steps_per_epoch = args, total_steps, steps_per_epoch
+        self.received, self.device, self.labelled = received, device, labelled
+        self.start_time, self.start_step = time.time(), step
+        self.window_time = self.start_time
+        self.window = torch.zeros(4, device=device)      # monitor sums and steps, since the line
+        self.epoch_sums = torch.zeros(4, device=device)  # and since the epoch began
+
+    def start_epoch(self):
+        self.epoch_sums = torch.zeros(4, device=self.device)
+
+    def after_step(self, step, epoch, monitor, lr, tau):
+        """Counts the step's monitor (BYOL loss, projection std, classifier top-1); on the steps
+        that synchronise, checks and logs -> why the run stops now ('a signal', '--stop-at-step'),
+        or None."""
+        counted = torch.cat([monitor, monitor.new_ones(1)])
+        self.window += counted
+        self.epoch_sums += counted
+        args = self.args
+        log_now = step % args.log_every == 0 or step % self.steps_per_epoch == 0
+        at_stop_step = step == args.stop_at_step
+        if not (log_now or at_stop_step or step % SYNC_EVERY == 0):
+            return None
+        signalled = torch.full((1,), float(bool(self.received)), device=self.device)  # (no copy)
+        stats = all_reduce_sum(torch.cat([self.window[:3] / self.window[3], signalled]))
+        loss, z_std, top1, signalled = (stats / world_size()).tolist()
+        if not math.isfinite(loss):
+            kept = Path(args.output_dir) / 'checkpoint.pth'
+            if kept.exists():
+                saved = f'{kept} keeps the last good state'
+            else:
+                saved = 'nothing was saved'
+            raise UserError(f'the loss is {loss} at step {step}; lower --lr or use --amp none; '
+                            f'{saved}')
+        stop = None
+        if signalled:
+            stop = 'a signal'
+        elif at_stop_step:
+            stop = '--stop-at-step'
+        if log_now or stop:
+            now = time.time()
+            eta = (now - self.start_time) / (step - self.start_step) * (self.total_steps - step)
+            images_per_s = args.batch_size * self.window[3] / (now - self.window_time)
+            classifier = f'top-1 {100 * top1:.1f}% | ' if self.labelled else ''
+            log(f'step {step}/{self.total_steps} | ep {epoch} | loss {loss:.4f} | lr {lr:.4g} | '
+                f'tau {tau:.5f} | z_std {z_std:.4f} | {classifier}{images_per_s:.0f} img/s | '
+                f'eta {format_time(eta)}')
+            self.window_time, self.window = now, torch.zeros(4, device=self.device)
+        return stop
+
+    def epoch_record(self, epoch, step, lr, tau):
+        """The epoch's means over every process, for log.jsonl."""
+        sums = all_reduce_sum(self.epoch_sums[:3]) / world_size() / self.epoch_sums[3]
+        loss, z_std, top1 = sums.tolist()
+        record = dict(epoch=epoch, step=step, loss=loss, lr=lr, tau=tau, z_std=z_std,
+                      time=time.time() - self.start_time)
+        if self.labelled:
+            record['train_top1'] = 100 * top1
+        return record
+
+    def write(self, record):
+        if is_main():
+            with open(Path(self.args.output_dir) / 'log.jsonl', 'a') as f:
+                f.write(json.dumps(record) + '\n')
+
+
+def format_time(seconds):
+    m, s = divmod(int(seconds), 60)
+    if m >= 60:
+        return f'{m // 60}h{m % 60:02d}m'
+    return f'{m}m{s:02d}s'
 
 # ------------------------------------------------------------------------------------------------
 # The training loop
@@ -597,13 +817,18 @@ def check_output_dir(path):
 
 
 def train(args, received):
+    """A BYOL run: set up the processes, data, networks and optimizer (or resume them), then
+    train_step over the epochs, with a checkpoint after each epoch and when stopped (a signal in
+    `received`, --stop-at-step); at the end the online encoder is exported."""
     _, world, device = setup_distributed()
     out = Path(args.output_dir)
     check_output_dir(out)
-    resume, checkpoint = find_checkpoint(args.resume, out)  # before any heavy work
-    saved = checkpoint.get('config') if isinstance(checkpoint, dict) else None
+    resume, checkpoint = from_rank0(lambda: find_checkpoint(args.resume, out))  # before heavy work
+    saved = None  # the resumed run's settings
+    if isinstance(checkpoint, dict) and isinstance(checkpoint.get('config'), dict):
+        saved = checkpoint['config']
     images = augment.load_images(args.data, args.data_root, args.download, 'train')
-    args = resolve_config(args, images, saved if isinstance(saved, dict) else None)
+    args = resolve_config(args, images, saved)
     config = vars(args).copy()
     if checkpoint is not None:
         check_resumable(checkpoint, config, resume)
@@ -615,22 +840,20 @@ def train(args, received):
         raise UserError(f'{len(images)} images are fewer than one batch of {args.batch_size}; '
                         'lower --batch-size')
     torch.manual_seed(args.seed)
-    if device.type == 'cuda':
-        torch.backends.cudnn.benchmark = True
-        # --amp none is float32 throughout; under bf16 / fp16 autocast the few matrix products
-        # it leaves in float32 may use TF32 (Ampere and newer).
-        use_tf32 = args.amp != 'none'
-        torch.backends.cuda.matmul.allow_tf32 = use_tf32
-        torch.backends.cudnn.allow_tf32 = use_tf32
+    configure_device(device, args.amp)
 
     # Data (augment.py): batches of two views on the device, labels only for the monitor.
     batches, where = augment.batches(images, args.image_size, args.batch_size // world, 'byol',
                                      args.seed, device, args.workers, args.data_on_device,
                                      args.on_device, dtype=AMP_DTYPES[args.amp])
-    n_classes = len(images.classes) if len(images.classes) > 1 else 0
-    val = augment.batches(augment.load_images(args.data, args.data_root, args.download, 'val'),
-                          args.image_size, 256, 'eval', device=device, workers=args.workers)[0] \
-        if args.eval_every and n_classes else None  # the monitor's labelled split
+    n_classes = 0
+    if len(images.classes) > 1:
+        n_classes = len(images.classes)
+    val = None  # the monitor's labelled split
+    if args.eval_every and n_classes:
+        val_images = augment.load_images(args.data, args.data_root, args.download, 'val')
+        val, _ = augment.batches(val_images, args.image_size, 256, 'eval', device=device,
+                                 workers=args.workers)
     # DEVIATION: the official code counts K = epochs * N // B steps over a repeated stream; we run
     # whole epochs of N // B steps (312,000 instead of 312,784 for 1000 ImageNet epochs).
     total_steps = args.epochs * steps_per_epoch
@@ -638,27 +861,20 @@ def train(args, received):
     peak_lr = args.lr * args.batch_size / 256
 
     # Networks, optimizer, mixed precision.
-    encoder, feature_dim = build_encoder(args.arch, args.small_images, args.width)
-    byol = BYOL(encoder, feature_dim, args.hidden_dim, args.projection_dim, n_classes,
+    encoder, dim = build_encoder(args.arch, args.small_images, args.width)
+    byol = BYOL(encoder, dim, args.hidden_dim, args.projection_dim, n_classes,
                 predictor=not args.no_predictor)
     if world > 1:
         synchronize_batchnorm(byol)
         if device.type == 'cuda':
             check_global_batch_norm(device)
-    memory_format = torch.channels_last if device.type == 'cuda' or args.arch == 'convnet' else \
-        torch.contiguous_format  # on CPUs: convnet 1.47x, ResNet-18 0.75x (bench/RESULTS.md)
+    memory_format = fastest_memory_format(device, args.arch)
     byol.to(device, memory_format=memory_format)
     optimizer = LARS(lars_param_groups(byol, args.wd), lr=0.0)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == 'fp16')
     step = 0
     if checkpoint is not None:
-        byol.online.load_state_dict(checkpoint['online'])
-        byol.target.load_state_dict(checkpoint['target'])
-        optimizer.load_state_dict(checkpoint['optimizer'])
-        if checkpoint['scaler'] and scaler.is_enabled():  # fp16 then and now: its loss scale
-            scaler.load_state_dict(checkpoint['scaler'])
-        torch.set_rng_state(checkpoint['rng']['torch'])
-        step = checkpoint['step']
+        step = load_checkpoint(checkpoint, byol, optimizer, scaler)
         if saved.get('amp') != args.amp:
             log(f'note: steps 1-{step} ran with --amp {saved.get("amp")}, the rest '
                 f'--amp {args.amp}')
@@ -671,90 +887,66 @@ def train(args, received):
         model = DistributedDataParallel(byol, device_ids=device_ids, broadcast_buffers=False)
     if args.compile:  # the forward and backward of both networks; the EMA and LARS stay eager
         model = torch.compile(model)
-    log('recipe: ' + (f'short run (--epochs {args.epochs} < 40, the paper\'s shortest preset; '
-        'README.md, "Short runs")' if args.epochs < 40 else 'the paper\'s preset') + '; flags win')
+    if args.epochs < 40:
+        log(f'recipe: short run (--epochs {args.epochs} < 40, the paper\'s shortest preset; '
+            'README.md, "Short runs"); flags win')
+    else:
+        log('recipe: the paper\'s preset; flags win')
     log('config: ' + json.dumps(config, sort_keys=True))
+    resumed = f'; resumed from {resume} at step {step}' if resume else ''
     log(f'{where}; {world} process(es), {steps_per_epoch} steps of {args.batch_size} per epoch, '
         f'{total_steps} steps, peak lr {peak_lr:g}, '
-        f'{sum(p.numel() for p in encoder.parameters()) / 1e6:.1f}M encoder parameters'
-        + (f'; resumed from {resume} at step {step}' if resume else ''))
+        f'{sum(p.numel() for p in encoder.parameters()) / 1e6:.1f}M encoder parameters{resumed}')
 
     model.train()  # the target too: its BN uses batch statistics (SPEC.md section 0)
-    start_time, start_step, stopped = time.time(), step, False
-    window_time, window = start_time, torch.zeros(4, device=device)  # monitor sums, steps
+    progress = Progress(args, step, total_steps, steps_per_epoch, received, device, n_classes > 0)
     for epoch in range(step // steps_per_epoch, args.epochs):
         batches.set_epoch(epoch, skip_batches=step % steps_per_epoch)
-        epoch_sums = torch.zeros(4, device=device)
+        progress.start_epoch()
+        stop = None
         for (v1, v2), labels, _ in batches:  # v1 ~ T, v2 ~ T' (B, 3, S, S), normalised
             v1, v2 = (v.contiguous(memory_format=memory_format) for v in (v1, v2))
             lr = learning_rate(step, total_steps, warmup_steps, peak_lr)
-            for group in optimizer.param_groups:
-                group['lr'] = lr
-            # DEVIATION: the paper trains in float32; --amp bf16 (the default where faster)
-            # multiplies in bfloat16, as TPUs do under JAX's default precision; a CIFAR run
-            # learns the same within seed noise (README, "Precision").
-            with autocast(device, args.amp):
-                loss, monitor = model(v1, v2, labels if n_classes else None)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)                   # online: theta <- LARS(theta, grad)
-            scaler.update()
-            tau = args.tau if args.constant_tau else target_tau(step, total_steps, args.tau)
-            byol.update_target(tau)                  # target: xi <- tau xi + (1 - tau) theta
+            tau = target_tau(step, total_steps, args.tau)
+            if args.constant_tau:  # ABLATION (paper Table 5a): no cosine to 1
+                tau = args.tau
+            if not n_classes:
+                labels = None
+            try:
+                monitor = train_step(model, byol, optimizer, scaler, v1, v2, labels, lr, tau,
+                                     args.amp)
+            except torch.cuda.OutOfMemoryError:
+                raise UserError(out_of_memory(args, world, device)) from None
             step += 1
-            window += (counted := torch.cat([monitor, monitor.new_ones(1)]))  # and steps
-            epoch_sums += counted
-
-            log_now = step % args.log_every == 0 or step % steps_per_epoch == 0
-            if not (log_now or step % SYNC_EVERY == 0 or step == args.stop_at_step):
-                continue
-            # One synchronisation every few steps: the global means of the monitor (BYOL
-            # loss, projection std, classifier top-1) and whether any process received a
-            # preemption signal (all must stop together).
-            stats = all_reduce_sum(torch.cat([window[:3] / window[3], torch.full(
-                (1,), float(bool(received)), device=device)])) / world  # (a fill: no copy)
-            loss_mean, z_std, top1, stop = stats.tolist()
-            if not math.isfinite(loss_mean):
-                kept = out / 'checkpoint.pth'
-                raise UserError(f'the loss is {loss_mean} at step {step}; lower --lr or use '
-                                '--amp none; ' + (f'{kept} keeps the last good state' if
-                                                  kept.exists() else 'nothing was saved'))
-            if log_now or stop or step == args.stop_at_step:
-                now = time.time()
-                eta = (now - start_time) / (step - start_step) * (total_steps - step)
-                log(f'step {step}/{total_steps} | ep {epoch} | loss {loss_mean:.4f} | '
-                    f'lr {lr:.4g} | tau {tau:.5f} | z_std {z_std:.4f} | '
-                    + (f'top-1 {100 * top1:.1f}% | ' if n_classes else '')
-                    + f'{args.batch_size * window[3] / (now - window_time):.0f} img/s | '
-                    f'eta {format_time(eta)}')
-                window_time, window = now, torch.zeros(4, device=device)
-            if stop or step == args.stop_at_step:
-                stopped = True
+            stop = progress.after_step(step, epoch, monitor, lr, tau)
+            if stop:
                 break
 
         if step % steps_per_epoch == 0:  # the epoch is complete
-            loss, z_std, top1 = (all_reduce_sum(epoch_sums[:3]) / world / epoch_sums[3]).tolist()
-            record = dict(epoch=epoch, step=step, loss=loss, lr=lr, tau=tau, z_std=z_std,
-                          time=time.time() - start_time)
-            if n_classes:
-                record['train_top1'] = 100 * top1
+            record = progress.epoch_record(epoch, step, lr, tau)
             if val and (epoch + 1) % args.eval_every == 0:
                 record['val_top1'] = classifier_top1(byol.online, val, device, args.amp)
                 log(f'epoch {epoch}: the monitor\'s validation top-1 {record["val_top1"]:.2f}%')
             save_checkpoint(out / 'checkpoint.pth', byol, optimizer, scaler, step, config)
-            if is_main():
-                with open(out / 'log.jsonl', 'a') as f:
-                    f.write(json.dumps(record) + '\n')
-        elif stopped:
+            progress.write(record)
+        elif stop:
             save_checkpoint(out / 'checkpoint.pth', byol, optimizer, scaler, step, config)
-        if stopped:
-            log(f'stopped by {"a signal" if stop else "--stop-at-step"} at step {step}; '
-                f'checkpoint saved in {out}; run the same command again to resume')
+        if stop:
+            log(f'stopped by {stop} at step {step}; checkpoint saved in {out}; run the same '
+                'command again to resume')
             return
     if is_main():
         export_encoder(byol.online.encoder, {k: config[k] for k in ENCODER_SETTINGS}, out)
         log(f'done: {out / "checkpoint.pth"}; encoder exported to {out / "encoder.pth"} (its '
             f'settings in {settings_file(out / "encoder.pth")})')
+
+
+def fastest_memory_format(device, arch):
+    """channels_last on GPUs, and on CPUs for the convnet (1.47x its step); ResNets stay NCHW on
+    CPUs (ResNet-18: 0.75x with channels_last; bench/RESULTS.md)."""
+    if device.type == 'cuda' or arch == 'convnet':
+        return torch.channels_last
+    return torch.contiguous_format
 
 
 @torch.no_grad()
@@ -789,85 +981,154 @@ def _number(cast, low, name, strict=True):
             value = cast(text)
         except ValueError:
             value = math.nan
-        if not (value > low if strict else value >= low):  # (NaN fails both)
+        if strict:
+            ok = value > low
+        else:
+            ok = value >= low
+        if not ok:  # (NaN fails both)
             raise argparse.ArgumentTypeError(f'{text!r} is not {name}')
         return value
     return parse
+
+
+def _at_most_one(text):
+    value = float(text)
+    if value > 1:
+        return math.nan
+    return value
 
 
 positive_int = _number(int, 0, 'a positive integer')
 nonnegative_int = _number(int, 0, 'an integer >= 0', strict=False)
 positive_float = _number(float, 0, 'a positive number')
 nonnegative_float = _number(float, 0, 'a number >= 0', strict=False)
-fraction = _number(lambda text: float(text) if float(text) <= 1 else math.nan, 0,
-                   'in [0, 1]', strict=False)  # tau
+fraction = _number(_at_most_one, 0, 'in [0, 1]', strict=False)  # tau
+
+
+def add_data_arguments(p, required=True):
+    """--data, --data-root, --download: the same in every script."""
+    p.add_argument('--data', required=required, help='an ImageNet-style folder '
+                   '(DATA/train/<class>/<image>, DATA/val/<class>/<image>; for pretraining also '
+                   'DATA/<class>/<image>), or one of ' + ', '.join(augment.NAMED_DATASETS)
+                   + ' (torchvision\'s datasets)')
+    p.add_argument('--data-root', default='data', help='where the named datasets live (default: '
+                   './data)')
+    p.add_argument('--download', action='store_true', help='download a named dataset if it is '
+                   'missing (nothing is downloaded without it)')
+
+
+def add_amp_argument(p):
+    """--amp: the same in every script."""
+    p.add_argument('--amp', choices=AMP_CHOICES, help='autocast precision: bf16, fp16 (with a '
+                   'loss scaler) or none (float32 throughout, no TF32). Default: bf16 where it '
+                   'is native (GPUs from Ampere on, CPUs with AMX; measured faster there: '
+                   'bench/RESULTS.md), else none. Under bf16 / fp16 the products autocast leaves '
+                   'in float32 may use TF32 on GPUs. byol.py: a resumed run keeps its own')
+
+
+def add_workers_argument(p):
+    """--workers: the same in every script."""
+    p.add_argument('--workers', type=nonnegative_int, help='data-loader processes per training '
+                   'process (default: its share of the cores: those of its affinity mask, '
+                   'shared with the node\'s processes whose masks overlap it, within a '
+                   'container\'s CPU quota, less one for the training loop)')
 
 
 def get_parser():
-    p = ArgumentParser(prog='byol.py', description='BYOL pretraining (Grill et al., 2020).')
+    p = ArgumentParser(prog='byol.py', description='BYOL pretraining (Grill et al., 2020). The '
+                       'defaults are the paper\'s (ResNet-50, 224 px, batch 4096, 1000 epochs); '
+                       '--epochs selects the official preset of --lr, --wd and --tau.')
     a = p.add_argument
-    a('--data', required=True, help='an ImageNet-style folder (DATA/train/<class>/<image> or '
-      'DATA/<class>/<image>), or one of ' + ', '.join(augment.NAMED_DATASETS))
-    a('--data-root', default='data', help='where named datasets live (default: ./data)')
-    a('--download', action='store_true', help='download a named dataset if it is missing')
-    a('--arch', default='resnet50', choices=ARCHS, help='encoder f (paper: resnet50)')
-    a('--width', type=positive_int, help='ResNet multiplier 1, 2, 4 (Table 1b; default 1); '
-      'convnet: the first layer width (default 32)')
-    a('--small-images', action=argparse.BooleanOptionalAction, help='3x3 stride-1 stem and no '
-      'max-pool (default: on when --image-size <= 64)')
-    a('--image-size', type=positive_int, help='crop size (paper: 224; default: 224, or the native '
-      'size of a dataset whose images all share one smaller size, e.g. CIFAR\'s 32)')
-    a('--hidden-dim', type=positive_int, help='g, q hidden (paper: 4096; short runs: 4x dim y)')
-    a('--projection-dim', type=positive_int, help='output of g, q (paper: 256; short runs: dim y)')
-    a('--epochs', type=positive_int, default=1000, help='paper headline: 1000; sets the preset '
-      'of --lr, --wd and --tau: ' + ', '.join(f'{e} ep: {v}' for e, v in PRESETS.items()) +
-      f' (the smallest preset with at least this many epochs); short runs: {SHORT_RUN}')
-    a('--batch-size', type=positive_int, default=4096, help='global batch (paper: 4096)')
-    a('--lr', type=positive_float, help='base lr; peak lr = lr x batch / 256 (preset)')
-    a('--wd', type=nonnegative_float, help='LARS weight decay (preset)')
-    a('--tau', type=fraction, help='base EMA rate tau of the target, cosine to 1 (preset)')
-    a('--warmup-epochs', type=nonnegative_float, help='lr warmup (paper: 10; short: epochs / 10)')
+    add_data_arguments(p)
+    a('--arch', default='resnet50', choices=ARCHS, help='encoder f (default: resnet50, the '
+      'paper\'s; resnet200 --width 2 is its largest. resnet18/34 are torchvision\'s, not the '
+      'paper\'s networks: the official ResNet-18 has a 1x1 projection shortcut in its first '
+      'block, 11,180,736 encoder parameters against 11,176,512. convnet: a small CPU encoder)')
+    a('--width', type=positive_int, help='ResNet width multiplier 1, 2 or 4 (paper Table 1b; '
+      'default 1); for the convnet, its first layer\'s width (default 32)')
+    a('--small-images', action=argparse.BooleanOptionalAction, help='a 3x3 stride-1 stem and no '
+      'max-pool, for CIFAR-size images (default: on when --image-size <= 64)')
+    a('--image-size', type=positive_int, help='crop size (default: the paper\'s 224, or the '
+      'native size of a dataset whose images all share one smaller size, e.g. CIFAR\'s 32)')
+    a('--hidden-dim', type=positive_int, help='hidden width of g and q (default: the paper\'s '
+      '4096; short runs: 4x the width of y, at most 4096)')
+    a('--projection-dim', type=positive_int, help='output width of g and q (default: the '
+      'paper\'s 256; short runs: the width of y, at most 256)')
+    presets = ', '.join(f'{e} ep: lr {v[0]}, wd {v[1]}, tau {v[2]}' for e, v in PRESETS.items())
+    a('--epochs', type=positive_int, default=1000, help='default: 1000, the paper\'s headline '
+      'run. It selects the official preset of --lr, --wd and --tau, the smallest with at least '
+      f'this many epochs ({presets}); under 40 epochs, the short-run recipe (lr {SHORT_RUN[0]}, '
+      f'wd {SHORT_RUN[1]}, tau {SHORT_RUN[2]}; README.md, "Short runs")')
+    a('--batch-size', type=positive_int, default=4096, help='the global batch, split over the '
+      'processes (default: the paper\'s 4096)')
+    a('--lr', type=positive_float, help='base learning rate; the peak is lr x batch / 256, '
+      'reached after the warmup (default: the preset\'s)')
+    a('--wd', type=nonnegative_float, help='LARS weight decay (default: the preset\'s)')
+    a('--tau', type=fraction, help='base EMA rate tau of the target, cosine to 1 over the run '
+      '(default: the preset\'s)')
+    a('--warmup-epochs', type=nonnegative_float, help='linear lr warmup (default: the paper\'s '
+      '10; short runs: a tenth of the run)')
     a('--no-predictor', action='store_true', help='ablation (paper Table 5b): q is the identity')
     a('--constant-tau', action='store_true', help='ablation: tau stays --tau, no cosine to 1 '
       '(--tau 0: the target is the online network under stop-gradient, paper Table 5a)')
     a('--data-on-device', action=argparse.BooleanOptionalAction, help='hold the dataset on the '
-      f'device, crop there (default: named datasets, folders of <= {augment.MAX_IN_MEMORY})')
+      'training device, cropped and augmented there (default: on for the named datasets and '
+      f'for folders of at most {augment.MAX_IN_MEMORY} images of one size)')
     a('--on-device', choices=('views', 'crop'), help='image folders on GPUs: the first stage '
       'run on the GPU (default views: the loader workers decode and crop, the GPU augments; '
       'crop: the workers only decode, the GPU crops and augments)')
     a('--compile', action='store_true', help='torch.compile the networks (opt-in: DDP with '
       'synchronised BN under compile has open upstream failure reports)')
-    a('--workers', type=nonnegative_int, help='data-loader processes per process (default: '
-      'the cores it may use, shared among the node\'s processes, less one)')
-    a('--seed', type=int, default=0, help='seeds the initialisation, data order, augmentations')
-    a('--amp', choices=AMP_CHOICES, help='autocast precision (default: bf16 where native, GPUs '
-      'from Ampere on and CPUs with AMX, else none; a resumed run keeps its own)')
-    a('--output-dir', default='runs/byol', help='checkpoint.pth, encoder.pth, log.jsonl')
-    a('--resume', help='checkpoint to resume from (default: <output-dir>/checkpoint.pth)')
+    add_workers_argument(p)
+    a('--seed', type=int, default=0, help='seeds the initialisation, the data order and the '
+      'augmentations (default: 0)')
+    add_amp_argument(p)
+    a('--output-dir', default='runs/byol', help='checkpoint.pth, encoder.pth and its '
+      'encoder.json, log.jsonl (default: runs/byol)')
+    a('--resume', help='checkpoint to resume from (default: <output-dir>/checkpoint.pth, if it '
+      'exists)')
     a('--stop-at-step', type=positive_int, help='save and stop after this step (the schedules '
       'stay those of the full run)')
-    a('--log-every', type=positive_int, default=20, help='steps between progress lines')
+    a('--log-every', type=positive_int, default=20, help='steps between progress lines '
+      '(default: 20)')
     a('--eval-every', type=nonnegative_int, default=0, help='every N epochs, the monitor\'s '
-      'validation top-1 (named datasets: test; folders: DATA/val); 0: never')
+      'validation top-1 (named datasets: their test split; folders: DATA/val; default 0: never)')
     return p
+
+
+def recipe(epochs, feature_width):
+    """The defaults that the number of epochs selects: (lr, wd, tau, warmup_epochs, hidden_dim,
+    projection_dim). 40 epochs or more: the official preset with the fewest epochs at least
+    these (1000 beyond), 10 warmup epochs and the paper's 4096 / 256 heads; fewer: the short-run
+    recipe, warmup a tenth of the run, g and q sized to f's feature width."""
+    if epochs < 40:
+        return SHORT_RUN + (epochs / 10, min(4096, 4 * feature_width), min(256, feature_width))
+    preset = min((e for e in PRESETS if e >= epochs), default=1000)
+    return PRESETS[preset] + (10, 4096, 256)
 
 
 def resolve_config(args, images, saved=None):
     """Fill the defaults that depend on other settings or on the data: image size and stem
-    (augment.default_image_size), width, the recipe by epochs (a paper preset, or the short-run
-    recipe under 40), precision (that of `saved`, the resumed checkpoint's config), workers."""
-    args.image_size = args.image_size or augment.default_image_size(images)  # (None: not given)
-    args.small_images = args.image_size <= 64 if args.small_images is None else args.small_images
-    args.width = args.width or (32 if args.arch == 'convnet' else 1)
-    dim = 8 * args.width if args.arch == 'convnet' else 512 * args.width * RESNET_LAYERS[
-        args.arch][0].expansion  # f's feature width (build_encoder), which sizes short runs' heads
-    recipe = SHORT_RUN + (args.epochs / 10, min(4096, 4 * dim), min(256, dim)) if args.epochs < 40 \
-        else PRESETS[min((e for e in PRESETS if e >= args.epochs), default=1000)] + (10, 4096, 256)
+    (augment.default_image_size), width, the recipe by epochs, precision (that of `saved`, the
+    resumed checkpoint's config), workers."""
+    if args.image_size is None:
+        args.image_size = augment.default_image_size(images)
+    if args.small_images is None:
+        args.small_images = args.image_size <= 64
+    if args.width is None:
+        args.width = 32 if args.arch == 'convnet' else 1
     names = ('lr', 'wd', 'tau', 'warmup_epochs', 'hidden_dim', 'projection_dim')
-    vars(args).update({k: v for k, v in zip(names, recipe) if getattr(args, k) is None})
-    args.amp = args.amp or (saved['amp'] if saved and saved.get('amp') in AMP_CHOICES else
-                            default_amp())
-    args.workers = augment.default_workers() if args.workers is None else args.workers
+    defaults = recipe(args.epochs, feature_dim(args.arch, args.width))
+    for name, value in zip(names, defaults):
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if args.amp is None:
+        if saved and saved.get('amp') in AMP_CHOICES:
+            args.amp = saved['amp']
+        else:
+            args.amp = default_amp()
+    if args.workers is None:
+        args.workers = augment.default_workers()
     return args
 
 

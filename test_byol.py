@@ -594,7 +594,8 @@ def from_rank0_worker(rank, folder):
     results = []
     for run in ('good', 'corrupt'):
         try:
-            path, checkpoint = byol.find_checkpoint(None, folder / run / f'rank{rank}')
+            out = folder / run / f'rank{rank}'
+            path, checkpoint = byol.from_rank0(lambda: byol.find_checkpoint(None, out))
             results.append((str(path), checkpoint))
         except byol.UserError as e:
             results.append(str(e))
@@ -932,6 +933,21 @@ def test_every_placement_trains_with_loader_workers(on_device, image_folder, tmp
                                   '--output-dir', tmp_path / on_device])[0] == 0
     assert_same_state(load(tmp_path / 'default' / 'checkpoint.pth'),
                       load(tmp_path / on_device / 'checkpoint.pth'))
+
+
+def test_running_out_of_gpu_memory_says_what_fits_in_one_line(image_folder, tmp_path, capsys,
+                                                              monkeypatch):
+    def out_of_memory(*args):
+        raise torch.cuda.OutOfMemoryError('CUDA out of memory. Tried to allocate 2.00 GiB')
+    monkeypatch.setattr(byol, 'train_step', out_of_memory)
+    monkeypatch.setattr(torch.cuda, 'get_device_properties',
+                        lambda device: type('Properties', (), dict(total_memory=40 * 2 ** 30)))
+    code, _, err = run_main(byol, ['--data', image_folder, *TINY, '--epochs', '1',
+                                   '--output-dir', tmp_path], capsys)
+    # a 40 GiB GPU in float32: (40 - 4) GiB / (2 x 83.5 MiB) images of a ResNet-50
+    fits = int(36 * 2 ** 30 / (2 * 83.5 * 2 ** 20))
+    assert_one_line_error(code, err, 'ran out of memory at 16 images per GPU', '40 GiB',
+                          f'fits about {fits} per GPU', 'more GPUs', 'smaller --batch-size')
 
 
 def test_a_diverging_loss_stops_with_a_clear_message(image_folder, tmp_path, capsys):
