@@ -710,7 +710,9 @@ def get_parser():
       'DATA/<class>/<image>), or one of ' + ', '.join(augment.NAMED_DATASETS))
     a('--data-root', default='data', help='where named datasets live (default: ./data)')
     a('--download', action='store_true', help='download a named dataset if it is missing')
-    a('--arch', default='resnet50', choices=ARCHS, help='encoder f (paper: resnet50)')
+    a('--arch', default='resnet50', choices=ARCHS, help='encoder f (paper: resnet50; resnet18 '
+      'and resnet34 are torchvision\'s, not the paper\'s nor the official ResNet18, whose first '
+      'block has a 1x1 projection shortcut: 11,180,736 vs 11,176,512 encoder parameters)')
     a('--width', type=positive_int, help='ResNet multiplier 1, 2, 4 (Table 1b; default 1); '
       'convnet: the first layer width (default 32)')
     a('--small-images', action=argparse.BooleanOptionalAction, help='3x3 stride-1 stem and no '

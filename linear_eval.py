@@ -75,7 +75,8 @@ def add_encoder_arguments(p):
     a('--pretrained', help='byol.py checkpoint.pth or exported encoder.pth; omitted: a randomly '
       'initialised encoder (a baseline)')
     a('--arch', choices=byol.ARCHS, help='encoder when --pretrained is omitted (default '
-      'resnet50); with --pretrained it is read from the checkpoint')
+      'resnet50; resnet18/34 are torchvision\'s, not the paper\'s: byol.py --help); with '
+      '--pretrained it is read from the checkpoint')
     a('--width', type=byol.positive_int, help='as byol.py, when --pretrained is omitted')
     a('--small-images', action='store_true', default=None, help='as byol.py, when --pretrained '
       'is omitted (default: on when the image size is <= 64)')
