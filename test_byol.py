@@ -15,6 +15,7 @@ import contextlib
 import copy
 import functools
 import importlib.util
+import io
 import json
 import lzma
 import math
@@ -1717,6 +1718,14 @@ def test_files_written_by_dill_read_as_their_standard_pickle_copy(version, dill_
             type(checkpoint['rng']).__module__ == 'jax._src.array'
     assert checkpoint['experiment_state'][4][0] == () and \
         len(checkpoint['experiment_state'][4]) == 3  # the optimizer state: optax's NamedTuples
+    if old:  # numpy 2 wrote numpy._core; the files of 2020 (numpy 1.x) name numpy.core
+        numpy2, numpy1 = b'numpy._core._multiarray_umath', b'numpy.core._multiarray_umath'
+        data = path.read_bytes().replace(b'X' + len(numpy2).to_bytes(4, 'little') + numpy2,
+                                         b'X' + len(numpy1).to_bytes(4, 'little') + numpy1)
+        assert numpy2 not in data and numpy1 in data
+        renamed = linear_eval.plain(linear_eval.ReleasedUnpickler(io.BytesIO(data)).load())
+        assert np.array_equal(renamed['experiment_state'][0]['res_net50/~/initial_conv']['w'],
+                              fixture_arrays()[0]['res_net50/~/initial_conv']['w'])
     # the same encoder as the standard-pickle copy of the same arrays, bit for bit
     ours, dim, settings = linear_eval.load_encoder(path)   # (every evaluation script's reader)
     theirs, _, their_settings = linear_eval.load_encoder(released[0])
