@@ -28,13 +28,16 @@ Commands
 
 Measured: see README.md (CIFAR-10 folder, convnet, CPU: random init vs BYOL).
 """
+import _compat_pickle
 import argparse
+import contextlib
 import functools
 import json
 import math
 import pickle
 import time
 from pathlib import Path
+from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -72,7 +75,8 @@ def add_encoder_arguments(p):
     a('--pretrained', help='byol.py checkpoint.pth or exported encoder.pth; omitted: a randomly '
       'initialised encoder (a baseline)')
     a('--arch', choices=byol.ARCHS, help='encoder when --pretrained is omitted (default '
-      'resnet50); with --pretrained it is read from the checkpoint')
+      'resnet50; resnet18/34 are torchvision\'s, not the paper\'s: byol.py --help); with '
+      '--pretrained it is read from the checkpoint')
     a('--width', type=byol.positive_int, help='as byol.py, when --pretrained is omitted')
     a('--small-images', action='store_true', default=None, help='as byol.py, when --pretrained '
       'is omitted (default: on when the image size is <= 64)')
@@ -92,7 +96,8 @@ def get_parser():
     add_encoder_arguments(p)
     a('--checkpoint-classifier', action='store_true', help='evaluate the checkpoint\'s own '
       'online classifier (the official code\'s monitor: a released .pkl, or a byol.py '
-      'checkpoint.pth of labelled data) on the validation split, instead of training one')
+      'checkpoint.pth of labelled data) on the validation split, instead of training one; '
+      'always in float32, as the official evaluation (--amp does not apply)')
     a('--export-encoder', metavar='DIR', help='save --pretrained\'s encoder as DIR/encoder.pth '
       'and encoder.json (e.g. a released .pkl, for the other scripts and torchvision), and stop')
     a('--batch-size', type=byol.positive_int, default=1024, help='global batch (paper: 1024)')
@@ -223,32 +228,49 @@ def frozen_encoder(args, images, device):
 # paths such as 'res_net50/~/block_group_0/~/block_0/~/conv_0', of numpy arrays: convolutions
 # 'w' (H, W, I, O), batch norms 'scale' and 'offset' (1, 1, 1, C), their moving averages
 # '.../~/mean_ema' and '.../~/var_ema' with 'average' in the state, and the online classifier
-# 'classifier' ('w' (D, C), 'b'). The official README's top-1 of that classifier on ImageNet:
+# 'classifier' ('w' (D, C), 'b'). The released files are told apart by their content: the
+# architecture and the step the official loop saves last, max_steps = 1000 epochs of ImageNet's
+# 1,281,167 images at batch 4096 (the 300-epoch ablations and any other run stop elsewhere).
+# The official README's top-1 of their online classifiers on ImageNet:
+RELEASED_STEP = 1000 * 1281167 // 4096  # 312,784
 RELEASED_TOP1 = {('resnet50', 1): 74.4, ('resnet200', 2): 79.6}
 FIELDS = ('online_params', 'target_params', 'online_state', 'target_state', 'opt_state')
 
 
 class Inert:
-    """Stands in for a class the file names but this reader does not know (a Haiku mapping, the
-    experiment's NamedTuple, an optimizer state): it records what it was built from; it runs
-    nothing."""
+    """Stands in for a class or function the file names but this reader does not know (a Haiku
+    mapping, the experiment's NamedTuple, an optimizer state, a jax array's rebuild function): it
+    records what it was given (arguments, state, items); it runs nothing."""
 
-    def __new__(cls, *args):  # (pickle's NEWOBJ calls __new__ alone, its REDUCE the class)
+    def __new__(cls, *args):  # pickle's NEWOBJ (an instance of a class) calls __new__ alone,
         obj = super().__new__(cls)
-        obj.args, obj.state = args, None
+        obj.args, obj.state, obj.items, obj.called = args, None, {}, False
         return obj
 
-    def __init__(self, *args):
-        pass
+    def __init__(self, *args):  # its REDUCE (a call of the name) __init__ as well
+        self.called = True
 
     def __setstate__(self, state):
         self.state = state
 
+    def __setitem__(self, key, value):  # the items of a dict subclass (older Haiku's FlatMapping)
+        self.items[key] = value
+
+
+class InertTuple(tuple):
+    """A NamedTuple type the file defines by name and fields (dill's _create_namedtuple), as a
+    plain tuple of its fields: the module it names is never imported."""
+    _fields = ()
+
+    def __new__(cls, *fields):
+        return super().__new__(cls, fields)
+
 
 @functools.cache
 def safe_globals():
-    """The only callables a released file may invoke: numpy's array and scalar reconstruction,
-    protocol 2's byte decoding, and plain containers."""
+    """The only callables a released file may invoke, by (module, name): numpy's array and scalar
+    reconstruction (under the names numpy 1.x and 2.x give them), protocol 2's byte decoding, and
+    plain containers."""
     import _codecs
     import builtins
     import collections
@@ -257,50 +279,111 @@ def safe_globals():
                ('collections', 'OrderedDict'): collections.OrderedDict,
                ('numpy', 'ndarray'): np.ndarray, ('numpy', 'dtype'): np.dtype,
                ('numpy', 'array'): np.array, ('numpy', 'asarray'): np.asarray}
-    for module in ('numpy.core.multiarray', 'numpy._core.multiarray'):
-        allowed[module, '_reconstruct'] = core.multiarray._reconstruct
-        allowed[module, 'scalar'] = core.multiarray.scalar
+    for package in ('numpy.core', 'numpy._core'):
+        for module in ('multiarray', '_multiarray_umath'):
+            allowed[f'{package}.{module}', '_reconstruct'] = core.multiarray._reconstruct
+            allowed[f'{package}.{module}', 'scalar'] = core.multiarray.scalar
     for name in ('dict', 'list', 'tuple', 'set', 'frozenset', 'int', 'float', 'bool', 'str',
                  'bytes', 'bytearray', 'complex', 'slice'):
         allowed['builtins', name] = allowed['__builtin__', name] = getattr(builtins, name)
     return allowed
 
 
+class ModuleName(str):
+    """A module that dill's _import_module names and the allow-list holds: its name, for
+    _get_attr to look up in the allow-list; nothing is imported."""
+
+
+def dill_import_module(name, safe=False):
+    """dill._dill._import_module(name) (dill 0.3.x reaches numpy's functions through it)."""
+    if not any(module == name for module, _ in safe_globals()):
+        raise UserError(f'it imports {name}, which a checkpoint has no need of: not loaded')
+    return ModuleName(name)
+
+
+def dill_get_attr(module, name):
+    """dill._dill._get_attr(module, name): an allowed function of an allowed module, only."""
+    if not isinstance(module, ModuleName) or (module, name) not in safe_globals():
+        raise UserError(f'it asks for {module}.{name}, which a checkpoint has no need of: not '
+                        'loaded')
+    return safe_globals()[module, name]
+
+
+def dill_create_namedtuple(name, fields, module, defaults=None):
+    """dill._dill._create_namedtuple: an InertTuple type named as the file's NamedTuple."""
+    if not all(isinstance(s, str) for s in (name, module, *fields)):
+        raise UserError(f'it defines a NamedTuple {name!r} of fields {fields!r}: not loaded')
+    return type(name, (InertTuple,), {'_fields': tuple(fields), '__module__': module})
+
+
+def dill_create_array(f, args, state, npdict=None):
+    """dill._dill._create_array (dill 0.4.x wraps every array in it): numpy's own reconstruction
+    of an ndarray, f(*args) then __setstate__(state), as pickle does without dill."""
+    reconstruct = safe_globals()['numpy.core.multiarray', '_reconstruct']
+    if f is not reconstruct or not isinstance(args, tuple) or args[:1] != (np.ndarray,) or npdict:
+        raise UserError(f'it builds an array with {f!r}: not loaded')
+    array = f(*args)
+    array.__setstate__(state)
+    return array
+
+
+# dill's helpers that a released file uses (0.2.x wrote them in module dill.dill), each resolved to
+# the one safe thing it stands for; every other name of dill (such as _create_function or
+# _eval_repr, which rebuild and run code) is refused.
+DILL_MODULES = ('dill._dill', 'dill.dill')
+DILL_HELPERS = {'_import_module': dill_import_module, '_get_attr': dill_get_attr,
+                '_create_namedtuple': dill_create_namedtuple, '_create_array': dill_create_array}
 # Modules for system access or code execution: no checkpoint has a reason to name them, and a
-# file that does is refused (everything else unknown stays an inert stand-in, never called).
+# file that does is refused; so is any name of numpy or dill outside the allow-list (numpy's
+# runstring, for one, executes a string). Everything else unknown stays an Inert stand-in.
 FORBIDDEN_MODULES = ('builtins', '__builtin__', 'os', 'posix', 'nt', 'sys', 'subprocess',
                      'shutil', 'socket', 'pty', 'importlib', 'runpy', 'code', 'codeop',
                      'ctypes', 'marshal', 'pickle', 'webbrowser', 'multiprocessing', 'signal',
-                     'pdb', 'types', 'io', 'tempfile', 'pathlib')
+                     'pdb', 'types', 'io', 'tempfile', 'pathlib', 'numpy', 'dill')
 
 
 class ReleasedUnpickler(pickle.Unpickler):
-    """A restricted unpickler: numpy arrays and plain containers are rebuilt; a class (or any
-    other callable) it does not know becomes an Inert stand-in, which runs nothing; a name from a
-    module for system access or code execution is refused."""
+    """A restricted unpickler: numpy arrays and plain containers are rebuilt (also through dill's
+    helpers, which dill itself is never needed for); a class (or any other callable) it does not
+    know becomes an Inert stand-in, which runs nothing; a name from a module for system access or
+    code execution, or from numpy or dill beyond what arrays need, is refused."""
 
     def find_class(self, module, name):
+        # the Python 3 name that pickle itself would import (protocol 2: e.g. __builtin__ is
+        # builtins, commands.getoutput is subprocess.getoutput), as its own find_class does
+        if (module, name) in _compat_pickle.NAME_MAPPING:
+            module, name = _compat_pickle.NAME_MAPPING[module, name]
+        module = _compat_pickle.IMPORT_MAPPING.get(module, module)
         if (module, name) in safe_globals():
             return safe_globals()[module, name]
+        if module in DILL_MODULES and name in DILL_HELPERS:
+            return DILL_HELPERS[name]
         if module.split('.')[0] in FORBIDDEN_MODULES:
-            raise UserError(f'it names {module}.{name}, which could run code: not loaded; is it '
-                            'a file from the official BYOL release?')
+            raise UserError(f'it names {module}.{name}, which could run code or is not one a '
+                            'checkpoint needs: not loaded; is it a file from the official BYOL '
+                            'release?')
         return type(name, (Inert,), {'__module__': module})
 
 
 def plain(obj):
-    """The stand-ins replaced by plain containers: a mapping for a Haiku mapping (its storage,
-    given as an argument or as its state), a tuple of the fields for anything else."""
+    """The stand-ins replaced by plain containers: a mapping for a Haiku mapping (its items, or
+    its storage given as its one argument or held in its state), a tuple of the fields for an
+    instance made from them (a NamedTuple); a call of a name this reader does not know (a jax
+    array's rebuild, say) stays an Inert stand-in, for the reader to name."""
     if isinstance(obj, Inert):
         state = obj.state
         if isinstance(state, tuple) and len(state) == 2 and state[0] is None:
             state = state[1]                                  # (None, slots)
         mappings = [v for v in state.values() if isinstance(v, dict)] \
             if isinstance(state, dict) else []
+        if obj.items:
+            return plain(obj.items)
         if len(obj.args) == 1 and isinstance(obj.args[0], dict):
             return plain(obj.args[0])
         if len(mappings) == 1:
             return plain(mappings[0])
+        if obj.called:
+            return obj
         return tuple(plain(a) for a in obj.args) if obj.args else plain(state)
     if isinstance(obj, dict):
         return {k: plain(v) for k, v in obj.items()}
@@ -309,9 +392,20 @@ def plain(obj):
     return obj
 
 
+class Released(NamedTuple):
+    """What read_released gives: the online encoder (with TF's SAME padding), its feature size,
+    its settings, the online classifier (nn.Linear, None if the file has none) and the step the
+    file was saved at (None if unknown)."""
+    encoder: nn.Module
+    feature_dim: int
+    settings: dict
+    classifier: Optional[nn.Linear]
+    step: Optional[int]
+
+
 def read_released(path):
-    """A released BYOL checkpoint -> (encoder with TF's SAME padding, feature_dim, settings,
-    the online classifier as nn.Linear), the online network's weights and BN statistics."""
+    """A released BYOL checkpoint -> Released: the online network's weights and BN statistics,
+    its classifier and step. One-line UserError for a file that is not one, says why."""
     if not Path(path).is_file():
         raise UserError(f'checkpoint {path} does not exist')
     try:
@@ -324,46 +418,107 @@ def read_released(path):
     except Exception as e:  # truncated, not a pickle, another layout
         raise UserError(f'cannot read {path} as a released BYOL checkpoint '
                         f'({type(e).__name__}: {str(e)[:100]}); download it again?') from None
-    scope = next((k.split('/')[0] for k in params if k.endswith('initial_conv')), None)
-    arch = {'res_net50': 'resnet50', 'res_net200': 'resnet200'}.get(scope)
-    if arch is None:
-        raise UserError(f'{path} holds no ResNet-50 or ResNet-200 encoder (modules: '
-                        f'{", ".join(sorted({k.split("/")[0] for k in params})[:5])})')
-    weights = params[f'{scope}/~/initial_conv']['w']                  # (7, 7, 3, 64 width)
-    settings = dict(arch=arch, width=weights.shape[-1] // 64, small_images=False, image_size=224,
+    try:
+        encoder, feature_dim, settings, classifier = released_network(params, state)
+    except UserError as e:
+        raise UserError(f'{path}: {e}') from None
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError) as e:
+        raise UserError(f'{path}: not the layout of a released BYOL checkpoint '
+                        f'({type(e).__name__}: {str(e)[:150]})') from None
+    step = checkpoint.get('step')
+    step = int(step) if isinstance(step, (int, np.integer)) else None
+    return Released(encoder, feature_dim, settings, classifier, step)
+
+
+def official_top1(released):
+    """The official README's top-1 of a released file's online classifier; None for any other
+    file (another step, or another network)."""
+    if released.step != RELEASED_STEP:
+        return None
+    return RELEASED_TOP1.get((released.settings['arch'], released.settings['width']))
+
+
+def released_array(tree, module, name, shape=None):
+    """tree[module][name] as float32 numpy, checked: it exists, is a numpy array (not a stand-in
+    for a jax array or another object) and has `shape` (or, given an int, that many values)."""
+    entries = tree.get(module)
+    if not isinstance(entries, dict) or name not in entries:
+        raise UserError(f'it has no {module} {name} (a ResNet of another layout?)')
+    value = entries[name]
+    if isinstance(value, Inert):  # a call this reader does not make, such as a jax array's
+        raise UserError(f'{module} {name} is {type(value).__module__}.{type(value).__name__}'
+                        '(...), not a numpy array (a jax array? the official Checkpointer saves '
+                        'numpy arrays, through jax.device_get)')
+    if not isinstance(value, np.ndarray) or value.dtype.kind not in 'fiu':
+        raise UserError(f'{module} {name} is a {type(value).__module__}.{type(value).__name__}'
+                        ', not a numpy array of numbers')
+    if isinstance(shape, tuple) and value.shape != shape:
+        raise UserError(f'{module} {name} has shape {value.shape}; the network needs {shape}')
+    if isinstance(shape, int) and value.size != shape:
+        raise UserError(f'{module} {name} has shape {value.shape}; the network needs {shape} '
+                        'values')
+    return value.astype(np.float32, copy=False)
+
+
+def released_network(params, state):
+    """The online parameters and BN averages (Haiku's mappings) -> (encoder with TF's SAME
+    padding, feature_dim, settings, the online classifier as nn.Linear or None)."""
+    if not isinstance(params, dict) or not isinstance(state, dict):
+        raise UserError('its online parameters and state are not mappings')
+    modules = {k.split('/')[0] for k in params if isinstance(k, str)}
+    scope = next((s for s in ('res_net50', 'res_net200') if s in modules), None)
+    if scope is None:
+        raise UserError(f'it holds no ResNet-50 or ResNet-200 encoder (modules: '
+                        f'{", ".join(sorted(modules)[:5])})')
+    arch = {'res_net50': 'resnet50', 'res_net200': 'resnet200'}[scope]
+    stem = released_array(params, released_module(params, scope, 'initial_conv'), 'w')
+    if stem.ndim != 4 or stem.shape[:3] != (7, 7, 3) or stem.shape[3] % 64:
+        raise UserError(f'its initial_conv w has shape {stem.shape}, not (7, 7, 3, 64 width)')
+    settings = dict(arch=arch, width=stem.shape[3] // 64, small_images=False, image_size=224,
                     padding='tf_same')
-    encoder, feature_dim = byol.build_encoder(arch, False, settings['width'])
-    encoder.load_state_dict(released_state_dict(params, state, scope, encoder))
+    with torch.device('meta'):  # no weights drawn (seconds for a ResNet-50): all are loaded
+        encoder, feature_dim = byol.build_encoder(arch, False, settings['width'])
+    encoder.load_state_dict(released_state_dict(params, state, scope, encoder), assign=True)
     classifier = None
     if 'classifier' in params:
-        w = torch.from_numpy(np.asarray(params['classifier']['w'], np.float32))  # (D, C)
+        w = released_array(params, 'classifier', 'w')                     # (D, C)
+        if w.ndim != 2 or w.shape[0] != feature_dim:
+            raise UserError(f'classifier w has shape {w.shape}, not ({feature_dim}, classes)')
         classifier = nn.Linear(*w.shape)
-        classifier.weight.data, classifier.bias.data = w.T.contiguous(), torch.from_numpy(
-            np.asarray(params['classifier']['b'], np.float32))
+        classifier.weight.data = torch.from_numpy(w.T.copy())
+        classifier.bias.data = torch.from_numpy(released_array(params, 'classifier', 'b',
+                                                               (w.shape[1],)).copy())
     return tf_same_padding(encoder), feature_dim, settings, classifier
+
+
+def released_module(params, scope, name):
+    """The module path of `name`: some converters' files name the stem 'initial_conv_1'."""
+    key = f'{scope}/~/{name}'
+    if key not in params and f'{key}_1' in params:
+        return f'{key}_1'
+    return key
 
 
 def released_state_dict(params, state, scope, encoder):
     """Haiku's online parameters and BN averages as the torchvision ResNet's state dict: HWIO ->
-    OIHW convolutions, (1, 1, 1, C) -> (C,) scales, offsets and statistics."""
-    def array(x):
-        return torch.from_numpy(np.asarray(x, dtype=np.float32))
-
-    def module(name):  # some converters' files name the stem 'initial_conv_1'
-        key = f'{scope}/~/{name}'
-        return key if key in params else f'{key}_1'
-
+    OIHW convolutions, (1, 1, 1, C) -> (C,) scales, offsets and statistics; every entry checked
+    against the shape the encoder needs."""
+    expected = encoder.state_dict()
     out = {}
 
     def conv(name, key):
-        out[f'{key}.weight'] = array(params[module(name)]['w']).permute(3, 2, 0, 1)
+        o, i, h, w = expected[f'{key}.weight'].shape
+        hwio = released_array(params, released_module(params, scope, name), 'w', (h, w, i, o))
+        out[f'{key}.weight'] = torch.from_numpy(hwio).permute(3, 2, 0, 1).contiguous()
 
     def bn(name, key):
-        path = module(name)
-        out[f'{key}.weight'] = array(params[path]['scale']).reshape(-1)
-        out[f'{key}.bias'] = array(params[path]['offset']).reshape(-1)
-        out[f'{key}.running_mean'] = array(state[f'{path}/~/mean_ema']['average']).reshape(-1)
-        out[f'{key}.running_var'] = array(state[f'{path}/~/var_ema']['average']).reshape(-1)
+        path, c = released_module(params, scope, name), expected[f'{key}.weight'].numel()
+        for suffix, tree, module, entry in (
+                ('weight', params, path, 'scale'), ('bias', params, path, 'offset'),
+                ('running_mean', state, f'{path}/~/mean_ema', 'average'),
+                ('running_var', state, f'{path}/~/var_ema', 'average')):
+            out[f'{key}.{suffix}'] = torch.from_numpy(
+                released_array(tree, module, entry, c).reshape(-1))
         out[f'{key}.num_batches_tracked'] = torch.tensor(0)
 
     conv('initial_conv', 'conv1')
@@ -629,14 +784,38 @@ def export(args):
     return settings
 
 
-def evaluate_checkpoint_classifier(args, images, world, device, amp, workers):
-    """The checkpoint's own online classifier on the validation images, no training: for the
-    released ResNet-50 this checks the evaluation pipeline (centre crop 0.875, bicubic resize to
-    224, TF's padding) against the official 74.4% in one pass."""
+@contextlib.contextmanager
+def exact_float32():
+    """Convolutions and matrix products in IEEE float32 while inside: no TF32 on GPUs (cuDNN
+    takes it for convolutions by default), as the official evaluation computes."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def evaluate_checkpoint_classifier(args, images, world, device, workers):
+    """The checkpoint's own online classifier on the validation images, no training, computed as
+    the official evaluation computes it: in float32 whatever --amp says (bf16 moved logits by
+    1.4% of their maximum and changed the top-1 of 1 image in 16), centre crop 0.875, bicubic
+    resize to 224, TF's padding. For a released file (told apart by its content: official_top1)
+    this checks the whole pipeline against the official figure in one pass (ResNet-50: 74.4%).
+
+    DEVIATION: an image is decoded whole, then cropped (torchvision cannot decode a window); the
+    official tf.image.decode_and_crop_jpeg decodes the crop window alone, whose edges come out
+    otherwise: up to 56 levels on the crop's edge columns, on 4 of 16 images measured.
+    DEVIATION: JPEGs are decoded with libjpeg-turbo's accurate integer IDCT, torchvision's only
+    one; TF 2.x decodes with INTEGER_FAST by default: up to 18 levels per pixel. Measured on one
+    network, these and the resize's rounding together moved logits by up to 3.7% of their
+    maximum (SPEC.md section 10)."""
     if not args.pretrained:
         raise UserError('--checkpoint-classifier needs --pretrained')
+    released = None
     if Path(args.pretrained).suffix == '.pkl':
-        encoder, _, settings, classifier = read_released(args.pretrained)
+        released = read_released(args.pretrained)
+        encoder, settings, classifier = released.encoder, released.settings, released.classifier
     else:
         encoder, _, settings = load_encoder(args.pretrained)
         online = byol.load_file(args.pretrained).get('online', {})
@@ -653,12 +832,19 @@ def evaluate_checkpoint_classifier(args, images, world, device, amp, workers):
                         f'classes, the validation split {len(images.classes)}')
     size = args.image_size or settings['image_size'] or augment.default_image_size(images)
     model = nn.Sequential(encoder, classifier).to(device)
-    logits, labels = features(model, images, size, args.batch_size // world, workers, device, amp)
+    with exact_float32():  # (no autocast: amp 'none')
+        logits, labels = features(model, images, size, args.batch_size // world, workers,
+                                  device, 'none')
     top1, top5 = topk_accuracy(logits, labels)
-    official = RELEASED_TOP1.get((settings['arch'], settings['width'])) \
-        if Path(args.pretrained).suffix == '.pkl' else None
-    log(f'the checkpoint\'s own classifier at {size} px: val top-1 {top1:.2f}%, top-5 '
-        f'{top5:.2f}%' + (f' (official code, the same weights: {official}%)' if official else ''))
+    official = official_top1(released) if released else None
+    if official:
+        note = f' (the official code, the same weights: {official}%)'
+    elif released:
+        note = f' (not a released file, step {released.step}: no official figure to compare)'
+    else:
+        note = ''
+    log(f'the checkpoint\'s own classifier at {size} px, in float32 (--amp does not apply): '
+        f'val top-1 {top1:.2f}%, top-5 {top5:.2f}%{note}')
     results = dict(data=args.data, pretrained=args.pretrained, checkpoint_classifier=True,
                    image_size=size, top1=top1, top5=top5, official_top1=official)
     append_result(args.output_dir, results)
@@ -676,7 +862,7 @@ def run(args):
         raise UserError(f'--batch-size {args.batch_size} does not divide over {world} processes')
     val_images = augment.load_images(args.data, args.data_root, args.download, 'val')
     if args.checkpoint_classifier:
-        return evaluate_checkpoint_classifier(args, val_images, world, device, amp, workers)
+        return evaluate_checkpoint_classifier(args, val_images, world, device, workers)
     train_images = augment.load_images(args.data, args.data_root, args.download, 'train')
     torch.manual_seed(args.seed)
     encoder, feature_dim, size = frozen_encoder(args, train_images, device)

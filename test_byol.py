@@ -13,11 +13,16 @@ import ast
 import colorsys
 import contextlib
 import copy
+import functools
+import importlib.util
+import io
 import itertools
 import json
+import lzma
 import math
 import os
 import pickle
+import pickletools
 import re
 import signal
 import subprocess
@@ -1741,9 +1746,29 @@ def test_linear_eval_bad_inputs_give_one_line_errors(image_folder, tiny_checkpoi
     assert_one_line_error(code, err, 'no such folder')
 
 # ------------------------------------------------------------------------------------------------
-# linear_eval.py: the released checkpoints (DeepMind's .pkl files), on files written here
+# linear_eval.py: the released checkpoints (DeepMind's .pkl files): files written by dill as the
+# official code writes them (bench/released_fixtures.py), and the same arrays pickled here
 # ------------------------------------------------------------------------------------------------
-RESNET50_BLOCKS, RESNET50_CHANNELS = (3, 4, 6, 3), (256, 512, 1024, 2048)
+FIXTURES = HERE / 'bench' / 'released_fixtures'
+DILL_VERSIONS = ('0.3.3', '0.4.1')  # the dill of 2020, and a current one
+ABLATION_STEP = 300 * 1281167 // 4096  # the 300-epoch ablation checkpoints' last step (batch 4096)
+
+
+@functools.cache
+def fixture_script():
+    """bench/released_fixtures.py as a module: the arrays of the committed files (no dill)."""
+    spec = importlib.util.spec_from_file_location('released_fixtures',
+                                                  HERE / 'bench' / 'released_fixtures.py')
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@functools.cache
+def fixture_arrays():
+    """The online parameters and BN averages of the committed files (a ResNet-50 of the real
+    shapes, periodic values, 4 classes) -> (params, state)."""
+    return fixture_script().fixture_arrays(n_classes=4)
 
 
 class frozendict:  # noqa: N801 (the official class's name)
@@ -1754,17 +1779,33 @@ class frozendict:  # noqa: N801 (the official class's name)
         self._storage, self._hash = dict(storage), None
 
 
+def _reconstruct_array(fun, args, arr_state, aval_state):  # (jax._src.array's; never called)
+    raise AssertionError('the reader called a function named in the file')
+
+
+class JaxArray:
+    """Pickles as a jax.Array does: jax._src.array._reconstruct_array around numpy's reduction."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def __reduce__(self):
+        return _reconstruct_array, (*self.value.__reduce__(), {'weak_type': False})
+
+
 @contextlib.contextmanager
 def official_classes():
-    """The official code's classes under their module paths while the file is written, so that
-    pickle names them as the released files do; each is a stand-in of the same layout."""
+    """The official code's classes (and JAX's array rebuild) under their module paths while the
+    file is written, so that pickle names them as the released files do; each is a stand-in of
+    the same layout."""
     from collections import namedtuple
     from types import ModuleType
     state = namedtuple('_ByolExperimentState', linear_eval.FIELDS)
     lars = namedtuple('LarsState', ['momentum'])
     saved = {}
     for cls, module in ((state, 'byol.byol_experiment'), (lars, 'byol.utils.optimizers'),
-                        (frozendict, 'haiku._src.data_structures')):
+                        (frozendict, 'haiku._src.data_structures'),
+                        (_reconstruct_array, 'jax._src.array')):
         cls.__module__, cls.__qualname__ = module, cls.__name__
         for i in range(2 if module.startswith('byol.') else 1, module.count('.') + 2):
             name = '.'.join(module.split('.')[:i])
@@ -1781,61 +1822,43 @@ def official_classes():
                 sys.modules[name] = module
 
 
-def released_arrays(n_classes, seed=0):
-    """Random online parameters and BN averages of the real ResNet-50 shapes, keyed as Haiku's."""
-    g = np.random.default_rng(seed)
-    params, state = {}, {}
-
-    def conv(name, k, cin, cout):
-        params[name] = {'w': (g.standard_normal((k, k, cin, cout)) / math.sqrt(k * k * cin))
-                        .astype(np.float32)}
-
-    def bn(name, c):
-        params[name] = {'scale': (1 + 0.2 * g.standard_normal((1, 1, 1, c))).astype(np.float32),
-                        'offset': (0.1 * g.standard_normal((1, 1, 1, c))).astype(np.float32)}
-        for ema, value in (('mean_ema', 0.1 * g.standard_normal((1, 1, 1, c))),
-                           ('var_ema', g.uniform(0.5, 2.0, (1, 1, 1, c)))):
-            state[f'{name}/~/{ema}'] = {'counter': np.int32(1000), 'hidden': value.astype(
-                np.float32), 'average': value.astype(np.float32)}
-    scope = 'res_net50/~/'
-    conv(scope + 'initial_conv', 7, 3, 64)
-    bn(scope + 'initial_batchnorm', 64)
-    cin = 64
-    for gi, (n, ch) in enumerate(zip(RESNET50_BLOCKS, RESNET50_CHANNELS)):
-        for b in range(n):
-            base = f'{scope}block_group_{gi}/~/block_{b}/~/'
-            for i, (k, a, c) in enumerate(((1, cin, ch // 4), (3, ch // 4, ch // 4),
-                                           (1, ch // 4, ch))):
-                conv(f'{base}conv_{i}', k, a, c)
-                bn(f'{base}batchnorm_{i}', c)
-            if b == 0:
-                conv(base + 'shortcut_conv', 1, cin, ch)
-                bn(base + 'shortcut_batchnorm', ch)
-            cin = ch
-    params['classifier'] = {'w': (0.02 * g.standard_normal((2048, n_classes))).astype(np.float32),
-                            'b': (0.1 * g.standard_normal(n_classes)).astype(np.float32)}
-    params['projector/~/linear'] = {'w': np.zeros((2048, 4), np.float32)}  # (not the encoder)
-    return params, state
-
-
-@pytest.fixture(scope='session')
-def released(tmp_path_factory):
-    """A file in the release's layout (SPEC.md section 10), pickled with protocol 2 as dill does
-    for these types: Haiku frozendicts, the experiment's NamedTuple of online and target
-    parameters and states and the optimizer state (which the reader must skip), step, rng;
-    random arrays of ResNet-50's real shapes and a 4-class classifier -> (path, params, state)."""
-    path = tmp_path_factory.mktemp('released') / 'pretrain_res50x1.pkl'
-    params, state = released_arrays(n_classes=4)
-
+def write_released(path, params, state, step=linear_eval.RELEASED_STEP):
+    """A file in the release's layout (SPEC.md section 10), pickled with protocol 2 by the
+    standard pickle: Haiku frozendicts, the experiment's NamedTuple of online and target
+    parameters and states and the optimizer state (which the reader must skip), step, rng."""
     def nest(tree):
         return frozendict({k: frozendict(v) for k, v in tree.items()})
     small = nest({'res_net50/~/initial_conv': {'w': np.ones((1, 1, 1, 1), np.float32)}})
     with official_classes() as (state_type, lars):
         experiment = state_type(nest(params), small, nest(state), small, lars(momentum=small))
         with open(path, 'wb') as f:
-            pickle.dump(dict(experiment_state=experiment, step=np.int64(312_500),
+            pickle.dump(dict(experiment_state=experiment, step=step,
                              rng=np.array([0, 42], np.uint32)), f, protocol=2)
-    return path, params, state
+    return path
+
+
+@pytest.fixture(scope='session')
+def released(tmp_path_factory):
+    """The committed files' arrays pickled by the standard pickle (their second case), saved at
+    the step of a 300-epoch ablation (so not a released file) -> (path, params, state)."""
+    params, state = fixture_arrays()
+    path = tmp_path_factory.mktemp('released') / 'res50x1_baseline.pkl'
+    return write_released(path, params, state, step=ABLATION_STEP), params, state
+
+
+@pytest.fixture(scope='session')
+def dill_files(tmp_path_factory):
+    """The committed files written by dill 0.3.3 and 0.4.1 as the official Checkpointer writes
+    (bench/released_fixtures.py), decompressed -> {dill version: path}."""
+    paths = {v: FIXTURES / f'dill-{v}.pkl.xz' for v in DILL_VERSIONS}
+    missing = [str(p.relative_to(HERE)) for p in paths.values() if not p.is_file()]
+    if missing:
+        pytest.skip(f'{", ".join(missing)} missing: see bench/released_fixtures.py')
+    out = tmp_path_factory.mktemp('dill')
+    for version, path in paths.items():
+        (out / f'pretrain_res50x1_dill{version}.pkl').write_bytes(lzma.decompress(
+            path.read_bytes()))
+    return {v: out / f'pretrain_res50x1_dill{v}.pkl' for v in DILL_VERSIONS}
 
 
 def official_forward(params, state, x):
@@ -1860,7 +1883,7 @@ def official_forward(params, state, x):
     x = F.relu(bn(conv(x, 'initial_conv', 2), 'initial_batchnorm'))
     (top, bottom), (left, right) = (pads(s, 3, 2) for s in x.shape[2:])
     x = F.max_pool2d(F.pad(x, (left, right, top, bottom), value=-math.inf), 3, 2)
-    for g, n in enumerate(RESNET50_BLOCKS):
+    for g, n in enumerate(fixture_script().RESNET50_BLOCKS):
         for b in range(n):
             stride, base = (2 if g > 0 and b == 0 else 1), f'block_group_{g}/~/block_{b}/~/'
             shortcut = bn(conv(x, base + 'shortcut_conv', stride), base + 'shortcut_batchnorm') \
@@ -1869,6 +1892,11 @@ def official_forward(params, state, x):
             y = F.relu(bn(conv(y, base + 'conv_1', stride), base + 'batchnorm_1'))
             x = F.relu(bn(conv(y, base + 'conv_2', 1), base + 'batchnorm_2') + shortcut)
     return x.mean(dim=(2, 3))
+
+
+def official_logits(params, state, x):
+    return official_forward(params, state, x) @ torch.from_numpy(
+        params['classifier']['w']) + torch.from_numpy(params['classifier']['b'])
 
 
 def test_tf_same_padding_is_a_hand_computed_same_convolution():
@@ -1886,9 +1914,10 @@ def test_tf_same_padding_is_a_hand_computed_same_convolution():
 
 def test_a_released_checkpoint_is_read_into_the_official_network(released, tmp_path):
     path, params, state = released  # (read with none of the official classes importable)
-    encoder, dim, settings, classifier = linear_eval.read_released(path)
+    encoder, dim, settings, classifier, step = linear_eval.read_released(path)
     assert dim == 2048 and settings == dict(arch='resnet50', width=1, small_images=False,
                                             image_size=224, padding='tf_same')
+    assert step == ABLATION_STEP
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected = official_forward(params, state, x)
@@ -1914,35 +1943,202 @@ def test_a_released_checkpoint_is_read_into_the_official_network(released, tmp_p
         assert torch.equal(converted.eval()(x), ours) and converted_settings == settings
 
 
-def test_the_released_classifier_is_evaluated_as_it_is(released, tmp_path, image_folder):
+@pytest.mark.parametrize('version', DILL_VERSIONS)
+def test_files_written_by_dill_read_as_their_standard_pickle_copy(version, dill_files, released):
+    path = dill_files[version]
+    # written as the official Checkpointer writes (SPEC.md section 10): dill's helpers in between
+    names = {arg for op, arg, _ in pickletools.genops(path.read_bytes()) if op.name == 'GLOBAL'}
+    old = version < '0.4'
+    assert 'dill._dill _create_namedtuple' in names
+    assert ('dill._dill _get_attr' in names, 'dill._dill _import_module' in names,
+            'dill._dill _create_array' in names) == (old, old, not old)
+    assert ('haiku._src.data_structures FlatMapping' in names) == old  # older Haiku's dicts
+    with open(path, 'rb') as f:
+        checkpoint = linear_eval.plain(linear_eval.ReleasedUnpickler(f).load())
+    # nothing named in the file was imported or called: the NamedTuples are inert tuples, the
+    # jax array (rng, newer JAX) a stand-in that was never rebuilt
+    assert not any(m.split('.')[0] in ('dill', 'haiku', 'optax', 'jax') or
+                   m.startswith('byol.') for m in sys.modules)
+    assert checkpoint['step'] == linear_eval.RELEASED_STEP
+    if old:
+        assert np.array_equal(checkpoint['rng'], [0, 42])
+    else:
+        assert isinstance(checkpoint['rng'], linear_eval.Inert) and \
+            type(checkpoint['rng']).__module__ == 'jax._src.array'
+    assert checkpoint['experiment_state'][4][0] == () and \
+        len(checkpoint['experiment_state'][4]) == 3  # the optimizer state: optax's NamedTuples
+    if old:  # numpy 2 wrote numpy._core; the files of 2020 (numpy 1.x) name numpy.core
+        numpy2, numpy1 = b'numpy._core._multiarray_umath', b'numpy.core._multiarray_umath'
+        data = path.read_bytes().replace(b'X' + len(numpy2).to_bytes(4, 'little') + numpy2,
+                                         b'X' + len(numpy1).to_bytes(4, 'little') + numpy1)
+        assert numpy2 not in data and numpy1 in data
+        renamed = linear_eval.plain(linear_eval.ReleasedUnpickler(io.BytesIO(data)).load())
+        assert np.array_equal(renamed['experiment_state'][0]['res_net50/~/initial_conv']['w'],
+                              fixture_arrays()[0]['res_net50/~/initial_conv']['w'])
+    # the same encoder as the standard-pickle copy of the same arrays, bit for bit
+    ours, dim, settings = linear_eval.load_encoder(path)   # (every evaluation script's reader)
+    theirs, _, their_settings = linear_eval.load_encoder(released[0])
+    assert dim == 2048 and settings == their_settings
+    assert all(torch.equal(v, theirs.state_dict()[k]) for k, v in ours.state_dict().items())
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        features = ours.eval()(x)
+        assert torch.equal(features, theirs.eval()(x)) and features.abs().mean() > 0.1
+        expected = official_forward(*fixture_arrays(), x)
+    assert (features - expected).norm() / expected.norm() < 1e-4
+
+
+def test_a_file_written_by_dill_loads_in_every_evaluation_script(dill_files, image_folder,
+                                                                 tmp_path, capsys):
+    path = dill_files['0.3.3']  # the generation of the released files
+    common = ['--workers', '0', '--batch-size', '8', '--image-size', '32', '--pretrained', path,
+              '--output-dir', tmp_path]
+    linear = linear_eval.main(list(map(str, ['--data', image_folder, '--epochs', '1',
+                                             '--train-images', '8', *common])))
+    semi = semi_sup.main(list(map(str, ['--data', image_folder, '--subset', '0.125', '--lr',
+                                        '0.1', '--epochs', '1', *common])))
+    moved, = transfer.main(list(map(str, ['--dataset', 'folder', '--data-root', image_folder,
+                                          '--l2', '1.0', '--train-images', '8', *common])))
+    assert linear['image_size'] == semi['image_size'] == moved['image_size'] == 32
+    out = capsys.readouterr().out
+    assert out.count(f'encoder: resnet50 from {path}') == 3
+
+
+def test_only_the_released_files_are_compared_with_the_official_figure(dill_files, released,
+                                                                       image_folder, tmp_path,
+                                                                       capsys):
+    common = ['--data', image_folder, '--checkpoint-classifier', '--workers', '0',
+              '--batch-size', '8', '--image-size', '32', '--output-dir', tmp_path]
+    # the released ResNet-50 (its step, 1000 epochs at batch 4096, and its network)
+    results = linear_eval.main(list(map(str, [*common, '--pretrained', dill_files['0.4.1']])))
+    out = capsys.readouterr().out
+    assert results['official_top1'] == 74.4
+    assert '(the official code, the same weights: 74.4%)' in out
+    # the same network at a 300-epoch ablation's step: no official figure
+    results = linear_eval.main(list(map(str, [*common, '--pretrained', released[0]])))
+    out = capsys.readouterr().out
+    assert results['official_top1'] is None and '74.4' not in out
+    assert f'not a released file, step {ABLATION_STEP}' in out
+
+    def released_file(arch, width, step):
+        return linear_eval.Released(None, 2048, dict(arch=arch, width=width), None, step)
+    assert linear_eval.official_top1(released_file('resnet200', 2, 312_784)) == 79.6
+    assert linear_eval.official_top1(released_file('resnet50', 2, 312_784)) is None
+    assert linear_eval.official_top1(released_file('resnet50', 1, None)) is None
+
+
+def test_the_released_classifier_is_evaluated_as_it_is_in_float32(released, tmp_path,
+                                                                   image_folder, monkeypatch):
     path, params, state = released
+    seen = []
+
+    def features(model, *args):  # linear_eval's, recording what the pass ran under
+        seen.append((args[-1], torch.backends.cudnn.allow_tf32,
+                     torch.backends.cuda.matmul.allow_tf32))
+        logits, labels = real_features(model, *args)
+        seen.append(logits)
+        return logits, labels
+    real_features = linear_eval.features
+    monkeypatch.setattr(linear_eval, 'features', features)
+    monkeypatch.setattr(torch.backends.cudnn, 'allow_tf32', True)
+    monkeypatch.setattr(torch.backends.cuda.matmul, 'allow_tf32', True)
+    # --amp bf16 does not apply: it would move the logits by about 1% (bf16's 8-bit mantissa)
     results = linear_eval.main(list(map(str, [
         '--data', image_folder, '--pretrained', path, '--checkpoint-classifier', '--workers', '0',
-        '--batch-size', '8', '--image-size', '32', '--output-dir', tmp_path])))
+        '--batch-size', '8', '--image-size', '32', '--amp', 'bf16', '--output-dir', tmp_path])))
+    assert seen[0] == ('none', False, False) and torch.backends.cudnn.allow_tf32  # restored
     val = augment.load_images(str(image_folder), split='val')
     loader, _ = augment.batches(val, 32, 16, 'eval')
     loader.set_epoch(0)
-    (x,), labels, _ = next(iter(loader))  # the 16 centre crops, as the evaluation makes them
+    (x,), labels, index = next(iter(loader))  # the 16 centre crops, as the evaluation makes them
     with torch.no_grad():
-        logits = official_forward(params, state, x) @ torch.from_numpy(
-            params['classifier']['w']) + torch.from_numpy(params['classifier']['b'])
+        logits = official_logits(params, state, x)
+    assert (seen[1][index] - logits).abs().max() < 1e-4 * logits.abs().max()
     top1, top5 = linear_eval.topk_accuracy(logits, labels)
     assert results['top1'] == pytest.approx(top1) and results['top5'] == pytest.approx(top5)
-    assert results['official_top1'] == 74.4
 
 
-def test_unsafe_or_broken_released_files_give_one_line_errors(released, tmp_path, capsys,
-                                                             image_folder):
+def pickled_call(module, name, *args):
+    """Protocol-2 opcodes that call module.name(*args) as a file is read (args: str, or the
+    opcodes of another call); a file is these and STOP ('.')."""
+    out = b'\x80\x02c' + f'{module}\n{name}\n'.encode() + b'('
+    for a in args:
+        out += a if isinstance(a, bytes) else b'X' + len(a.encode()).to_bytes(4, 'little') + \
+            a.encode()
+    return out + b'tR'
+
+
+def test_unsafe_released_files_are_refused_and_nothing_runs(released, tmp_path, capsys,
+                                                           image_folder):
     class Shell:
+        def __init__(self, call):
+            self.call = call
+
         def __reduce__(self):
-            return os.system, ('echo should-not-run',)
-    (tmp_path / 'evil.pkl').write_bytes(pickle.dumps(dict(experiment_state=Shell()), protocol=2))
-    (tmp_path / 'truncated.pkl').write_bytes(released[0].read_bytes()[:100_000])
+            return self.call, ('echo should-not-run',)
+    # os.system by name; subprocess.getoutput, which protocol 2 writes as Python 2's
+    # commands.getoutput (and pickle imports as subprocess.getoutput)
+    getoutput = pickle.dumps(Shell(subprocess.getoutput), protocol=2)
+    assert b'commands\ngetoutput' in getoutput
+    import_numpy = pickled_call('dill._dill', '_import_module', 'numpy.core.multiarray')
+    shout = 'print("should-not-run")'
+    files = {  # name: (its bytes, what the error names)
+        'system': (pickle.dumps(Shell(os.system), protocol=2), 'posix.system, which could run'),
+        'getoutput': (getoutput, 'subprocess.getoutput, which could run code'),
+        'runstring': (pickled_call('numpy.core.multiarray', 'runstring', shout) + b'.',
+                      'numpy.core.multiarray.runstring, which could run code'),
+        'get_attr': (pickled_call('dill._dill', '_get_attr', import_numpy, 'runstring') + b'.',
+                     'it asks for numpy.core.multiarray.runstring, which a checkpoint has no '
+                     'need of'),
+        'import': (pickled_call('dill._dill', '_import_module', 'os') + b'.',
+                   'it imports os, which a checkpoint has no need of'),
+        'eval': (pickled_call('dill._dill', '_eval_repr', shout) + b'.',
+                 'dill._dill._eval_repr, which could run code'),
+    }
     common = ['--data', image_folder, '--workers', '0', '--output-dir', tmp_path]
-    code, out, err = run_main(linear_eval, common + ['--pretrained', tmp_path / 'evil.pkl'],
-                              capsys)
-    assert_one_line_error(code, err, 'system, which could run code: not loaded')
-    assert 'should-not-run' not in out
+    for name, (data, message) in files.items():
+        (tmp_path / f'{name}.pkl').write_bytes(data)
+        code, out, err = run_main(linear_eval, common + ['--pretrained', tmp_path / f'{name}.pkl'],
+                                  capsys)
+        assert_one_line_error(code, err, f'{name}.pkl: ', message, 'not loaded')
+        assert 'should-not-run' not in out
+    # dill's NamedTuple type: a tuple of its fields; the module it names is never imported
+    cls = linear_eval.dill_create_namedtuple('State', ('a', 'b'), 'os.path')
+    assert cls(1, 2) == (1, 2) and cls._fields == ('a', 'b') and issubclass(cls, tuple)
+    assert linear_eval.dill_create_namedtuple('State', ('a',), 'not_a_module')(3) == (3,)
+    assert 'not_a_module' not in sys.modules
+
+
+def test_broken_released_files_give_one_line_errors(released, tmp_path, capsys, image_folder):
+    params, state = fixture_arrays()
+    stem = ('res_net50/~/initial_conv', 'res_net50/~/initial_batchnorm')
+    block = 'res_net50/~/block_group_0/~/block_0/~/'
+
+    def part(tree, *modules):  # the first modules of the network are enough to fail on
+        return {k: v for k, v in tree.items() if k in modules or k.rsplit('/~/', 1)[0] in modules}
+    wrong_conv = part(params, *stem, block + 'conv_0')
+    wrong_conv[block + 'conv_0'] = {'w': np.zeros((1, 1, 64, 32), np.float32)}
+    jax_leaves = {k: {name: JaxArray(v) for name, v in entries.items()}
+                  for k, entries in part(params, *stem).items()}
+    files = {  # name: (params, state, what the error says)
+        'no_bn': (part(params, stem[0]), state,
+                  'it has no res_net50/~/initial_batchnorm scale'),
+        'no_average': (part(params, *stem), part(state), 'it has no res_net50/~/initial_batch'
+                       'norm/~/mean_ema average'),
+        'wrong_conv': (wrong_conv, state, f'{block}conv_0 w has shape (1, 1, 64, 32); the '
+                       'network needs (1, 1, 64, 64)'),
+        'jax': (jax_leaves, state, 'res_net50/~/initial_conv w is jax._src.array._reconstruct_'
+                'array(...), not a numpy array (a jax array?'),
+        'no_resnet': ({'projector/~/linear': params['projector/~/linear']}, state,
+                      'holds no ResNet-50 or ResNet-200 encoder (modules: projector)'),
+    }
+    common = ['--data', image_folder, '--workers', '0', '--output-dir', tmp_path]
+    for name, (file_params, file_state, message) in files.items():
+        path = write_released(tmp_path / f'{name}.pkl', file_params, file_state)
+        for argv in (['--checkpoint-classifier'], ['--epochs', '1']):
+            code, _, err = run_main(linear_eval, common + argv + ['--pretrained', path], capsys)
+            assert_one_line_error(code, err, f'{path}: ', message)
+    (tmp_path / 'truncated.pkl').write_bytes(released[0].read_bytes()[:100_000])
     code, _, err = run_main(linear_eval, common + ['--pretrained', tmp_path / 'truncated.pkl'],
                             capsys)
     assert_one_line_error(code, err, 'cannot read', 'truncated.pkl', 'download it again')
