@@ -168,9 +168,10 @@ def resized_crop(image, box, size):
     return crops_of([image], torch.tensor([[box]]), size)[0, 0]
 
 
-def crops_of(images, boxes, size):
+def crops_of(images, boxes, size, dtype=torch.uint8):
     """Resized crops of images of any sizes (a list of B uint8 (C, H, W), stored channels last
-    as decoded, or Photos) with boxes (B, V, 4) on the host -> uint8 (B, V, C, S, S). On the
+    as decoded, or Photos) with boxes (B, V, 4) on the host -> (B, V, C, S, S), rounded to uint8,
+    or kept in float32 in [0, 255] (dtype float32: evaluation, as the official code). On the
     CPU crop by crop: each pass makes every output row a weighted sum of its four taps in one
     fused gather (embedding_bag): the crop's rows (h, w C) -> (S, w C); transposed, its columns
     (w C, S) -> (C S, S), transposed back. At 224 px on ImageNet-size photos 2x faster than four
@@ -178,31 +179,34 @@ def crops_of(images, boxes, size):
     (bench/RESULTS.md). On a GPU every crop at once: _crops_at_once, the same sums."""
     if isinstance(images, Photos):
         if images.pixels.device.type != 'cpu':
-            return _crops_at_once(images, boxes, size)
+            return _crops_at_once(images, boxes, size, dtype)
         images = images.images()
     elif images[0].device.type != 'cpu':
-        return _crops_at_once(Photos.of(images), boxes, size)
+        return _crops_at_once(Photos.of(images), boxes, size, dtype)
     b, v, device = *boxes.shape[:2], images[0].device
     boxes = boxes.reshape(-1, 4)
     row_taps, row_weights = _bicubic_taps(boxes[:, 2], size)   # (BV, 4, S), taps first
     col_taps, col_weights = _bicubic_taps(boxes[:, 3], size)
     c = images[0].shape[0]
     channels = torch.arange(c, device=device)[:, None, None]    # row x C + c: column x, channel c
-    out = torch.empty(b * v, c, size, size, dtype=torch.uint8, device=device)
+    out = torch.empty(b * v, c, size, size, dtype=dtype, device=device)
     for k, (t, l, h, w) in enumerate(boxes.tolist()):
         crop = images[k // v][:, t:t + h, l:l + w].permute(1, 2, 0).float().reshape(h, w * c)
         rows = _weighted_rows(crop, row_taps[k], row_weights[k])                # (S, w C)
         both = _weighted_rows(_transposed(rows), col_taps[k] * c + channels,
                               col_weights[k].expand(c, -1, -1))                 # (C S, S)
-        out[k] = _transposed(_to_uint8(both).view(c, size, size))
+        out[k] = _transposed(_rounded(both, dtype).view(c, size, size))
     return out.view(b, v, *out.shape[1:])
 
 
-def _to_uint8(x):
-    return x.round_().clamp_(0, 255).int().to(torch.uint8)  # (via int32: 3x faster)
+def _rounded(x, dtype):
+    """Resampled pixels, clipped to [0, 255], rounded to uint8 or kept in float32."""
+    if dtype == torch.uint8:
+        return x.round_().clamp_(0, 255).int().to(torch.uint8)  # (via int32: 3x faster)
+    return x.clamp_(0, 255)
 
 
-def _crops_at_once(photos, boxes, size, chunk=2 ** 24):
+def _crops_at_once(photos, boxes, size, dtype=torch.uint8, chunk=2 ** 24):
     """crops_of for every crop of a batch at once (GPUs: a few dozen kernels a run of crops,
     not a dozen a crop): the same two passes of four taps, as gathers of whole pixels from the
     photos' pixel rows (N, C). Pass 1 makes each crop's S output rows at its own width w (S w
@@ -215,7 +219,7 @@ def _crops_at_once(photos, boxes, size, chunk=2 ** 24):
     first = (areas.cumsum(0) - areas).repeat_interleave(v)      # each crop's image: first pixel,
     width = photos.shapes[:, 1].repeat_interleave(v)            # and width
     ends = (boxes[:, 3] * size).cumsum(0)                       # pass-1 pixels up to each crop
-    out = torch.empty(b * v, size, size, photos.pixels.shape[1], dtype=torch.uint8,
+    out = torch.empty(b * v, size, size, photos.pixels.shape[1], dtype=dtype,
                       device=photos.pixels.device)
     start = 0
     while start < len(boxes):
@@ -223,15 +227,15 @@ def _crops_at_once(photos, boxes, size, chunk=2 ** 24):
         end = max(start + 1, int(torch.searchsorted(ends, done + chunk, right=True)))
         k = slice(start, end)
         corner = first[k] + boxes[k, 0] * width[k] + boxes[k, 1]
-        out[k] = _resample_at_once(photos.pixels, corner, width[k], boxes[k, 2:], size)
+        out[k] = _resample_at_once(photos.pixels, corner, width[k], boxes[k, 2:], size, dtype)
         start = end
     return out.permute(0, 3, 1, 2).contiguous().view(b, v, -1, size, size)  # (as crops_of's)
 
 
-def _resample_at_once(pixels, corner, width, sizes, size):
+def _resample_at_once(pixels, corner, width, sizes, size, dtype):
     """The two passes for K crops of sizes (K, 2) (h, w) whose top-left pixel is
-    pixels[corner] (K,), in images `width` (K,) pixels wide; all on the host -> uint8
-    (K, S, S, C) on the pixels' device."""
+    pixels[corner] (K,), in images `width` (K,) pixels wide; all on the host -> (K, S, S, C) of
+    dtype on the pixels' device."""
     device, k, n = pixels.device, len(sizes), int(sizes[:, 1].sum()) * size
     corner, width, h, w = (t.to(device, non_blocking=True) for t in (corner, width, *sizes.T))
     ry, wy = _bicubic_taps(h, size)                                     # (K, 4, S)
@@ -255,7 +259,7 @@ def _resample_at_once(pixels, corner, width, sizes, size):
         term = rows.index_select(0, (row_first.view(k, size, 1) + rx[:, a, None]).view(-1))
         term, weight = term.view(k, size, size, -1), wx[:, a, None, :, None]
         out = weight * term if out is None else out.addcmul_(weight, term)
-    return _to_uint8(out)
+    return _rounded(out, dtype)
 
 
 def _weighted_rows(x, taps, weights):
@@ -305,17 +309,18 @@ def _bicubic_matrix(start, length, in_size, size):
                                weight.transpose(1, 2))
 
 
-def resized_crops(images, boxes, size):
+def resized_crops(images, boxes, size, dtype=torch.uint8):
     """Random resized crops of a batch of same-size uint8 images (B, C, H, W) with boxes (B, 4)
-    -> uint8 (B, C, S, S), in two batched matrix products (rows, then columns).
+    -> (B, C, S, S) of dtype, in two batched matrix products (rows, then columns).
 
-    DEVIATION: the crops are rounded to uint8 (error <= 0.5/255), so that loaders ship 4x fewer
-    bytes; the official pipeline keeps the resized crop in float."""
+    DEVIATION: training crops are rounded to uint8 (error <= 0.5/255), so that loaders ship 4x
+    fewer bytes; the official pipeline keeps the resized crop in float, as evaluation crops
+    are kept here (dtype float32)."""
     top, left, h, w = boxes.to(images.device, non_blocking=True).unbind(1)
     rows = _bicubic_matrix(top, h, images.shape[-2], size)              # (B, S, H)
     cols = _bicubic_matrix(left, w, images.shape[-1], size)             # (B, S, W)
     out = rows[:, None] @ images.float() @ cols[:, None].transpose(-1, -2)
-    return out.round_().clamp_(0, 255).to(torch.uint8)
+    return _rounded(out, dtype)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -868,10 +873,13 @@ class Pipeline(torch.utils.data.Dataset):
         else:
             boxes = torch.stack([crop_boxes(u[:, v], heights, widths)
                                  for v in range(u.shape[1])], dim=1)            # (b, V, 4)
+        # Evaluation crops stay in float, as the official code's; training crops are rounded
+        # to uint8 (resized_crops), 4x fewer bytes to send
+        dtype = torch.float32 if self.mode == 'eval' else torch.uint8
         if torch.is_tensor(data):
-            return torch.stack([resized_crops(data, boxes[:, v], self.size)
+            return torch.stack([resized_crops(data, boxes[:, v], self.size, dtype)
                                 for v in range(boxes.shape[1])], dim=1)
-        return crops_of(data, boxes, self.size)
+        return crops_of(data, boxes, self.size, dtype)
 
     def views(self, crops, u, labels, indices):
         # u from the host: the colour jitter reads its groups' sizes there, with no wait for
@@ -937,7 +945,12 @@ class Batches:
         if workers == 0:
             return 0, None
         p = self.pipeline
-        item = p.dtype.itemsize if p.split == len(STAGES) else 1  # float views, or uint8 crops
+        if p.split == len(STAGES):  # float views
+            item = p.dtype.itemsize
+        elif p.mode == 'eval':  # float32 evaluation crops
+            item = 4
+        else:  # uint8 crops
+            item = 1
         batch = self.batch_size * MODES[p.mode] * 3 * p.size ** 2 * item
         if p.split == STAGES.index('crop'):  # whole photos (ImageNet's: 470 x 390 on average)
             batch = self.batch_size * 3 * max(p.size ** 2, 470 * 390)

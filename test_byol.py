@@ -1229,8 +1229,14 @@ def test_every_crop_at_once_equals_the_loaders_crop_by_crop():
     by_crop = augment.crops_of(images, boxes, 32)
     assert by_crop.shape == (5, 2, 3, 32, 32)
     for chunk in (2 ** 24, 5000, 1):
-        at_once = augment._crops_at_once(photos, boxes, 32, chunk)
+        at_once = augment._crops_at_once(photos, boxes, 32, chunk=chunk)
         assert torch.equal(at_once, by_crop) and at_once.is_contiguous(), chunk
+    # evaluation crops stay in float, in [0, 255]: the same sums, before the rounding
+    exact = augment.crops_of(images, boxes, 32, torch.float32)
+    assert exact.dtype == torch.float32 and 0 <= exact.min() and exact.max() <= 255
+    assert torch.equal(exact.round().to(torch.uint8), by_crop)
+    assert (exact != exact.round()).float().mean() > 0.5  # (not whole numbers: not rounded)
+    assert torch.equal(augment._crops_at_once(photos, boxes, 32, torch.float32), exact)
 
 
 def test_solarize_grayscale_brightness_contrast_on_known_inputs():
