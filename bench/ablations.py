@@ -1,148 +1,308 @@
-"""bench/ablations.py: the paper's ablations of the target network (section 3's motivation, Table 5)
-at CPU scale, with the project's own scripts: pretraining (byol.py) then the cached linear probe
-and kNN (linear_eval.py), for every row and seed, and a markdown table of the results.
+"""bench/ablations.py: the paper's ablations at CPU scale, with the project's own scripts: byol.py
+pretrains, linear_eval.py probes (cached linear probe and kNN), for every row and seed; then
+markdown tables, and a plot of the probe against the epochs (matplotlib, if installed).
 
-Rows: the encoder at random init (no training); a fixed random target (tau = 1); no moving
-average (tau = 0 at every step, --constant-tau: the target is the online network under
-stop-gradient), and tau_base = 0 under byol.py's cosine schedule, which takes tau to 1 by the end;
-tau_base 0.9, 0.99 (the README's quick start) and 0.996; no predictor (tau_base 0.99).
-Everything else is the quick start's:
-the CIFAR-10 image folder, convnet of width 16, batch 128, lr 4.0, warmup 0.1 epochs, hidden 512,
-projection 128, float32; the probe on 10,000 training images, the lr chosen on 5,000 others, top-1
-on the 10,000 validation images. Each seed s seeds the pretraining and the probe's split; the
-random-init row is the encoder that seed's runs start from.
+One command per question (README.md, "The paper's ablations at CPU scale"):
 
-    OMP_NUM_THREADS=1 taskset -c 1 python bench/ablations.py            # 1 core: ~80 minutes
-    python bench/ablations.py --epochs 2 --seeds 0 1 --out runs/ablations_2ep
+    python bench/ablations.py target --jobs 2      # does the moving average beat a fixed target?
+    python bench/ablations.py predictor --jobs 2   # without a predictor, does y collapse too?
+    python bench/ablations.py batch --jobs 2       # does BYOL hold up at small batches?
 
-Runs already done in --out (a results.jsonl per run) are not repeated; a rerun prints the table.
-Measured: README.md, "The paper's ablations at CPU scale".
+  target     tau = 1 (a fixed random target), tau_base 0.99 (the quick start's moving average,
+             cosine to 1) and tau = 0 at every step (--constant-tau: the target is the online
+             network under stop-gradient), over one 20-epoch schedule, probed after epochs 1, 2,
+             5, 10 and 20 (the runs stop there and resume, bit for bit the same run), against
+             the encoder at random init (paper section 3 and Table 5a).
+  predictor  tau_base 0.99 with and without the predictor (Table 5b), the same schedule and
+             probes, with the collapse signal of the representation y and of the projection z.
+  batch      batch 64, 128, 256 and 512 at equal epochs (5), the base lr kept so that the peak
+             lr follows the paper's rule, lr x batch / 256 (Table 16).
+
+Everything else is the quick start's: the CIFAR-10 image folder, convnet of width 16, the
+short-run recipe (lr 4.0, warmup a tenth of the run, g and q of 512 and 128), float32; the probe
+on 10,000 training images, the lr chosen on 5,000 others, top-1 on the 10,000 validation images.
+Seed s seeds the pretraining and the probe's split; the random-init row is the encoder that
+seed's runs start from. --jobs N runs N runs at once, one thread each.
+
+Runs are kept in --out (default runs/ablations): a question asked again reuses every run and
+probe already there (so `predictor` reuses the tau 0.99 runs of `target`), and a stopped command
+continues where it stopped. The commands print the total CPU-minutes of what they ran.
 """
 import argparse
+import concurrent.futures
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import torch
+import torch.nn.functional as F
+
 HERE = Path(__file__).resolve().parent.parent  # the repository
-QUICK_START = ['--arch', 'convnet', '--width', '16', '--batch-size', '128', '--lr', '4.0',
-               '--warmup-epochs', '0.1', '--hidden-dim', '512', '--projection-dim', '128',
-               '--workers', '0', '--amp', 'none']
-PROBE = ['--train-images', '10000', '--workers', '0', '--amp', 'none']
-# name: (its folder in --out, byol.py flags or None for no training, the paper's ImageNet linear
-# top-1: ResNet-50, 300 epochs, ../shared/SPEC.md section 7, from Table 5a, 5b and section 3).
-# tau is the base of the cosine schedule to 1, except with --constant-tau.
+sys.path.insert(0, str(HERE))
+import augment  # noqa: E402
+import byol  # noqa: E402
+import linear_eval  # noqa: E402
+
+QUICK_START = ['--arch', 'convnet', '--width', '16', '--workers', '0', '--amp', 'none']
+PROBE = ['--train-images', '10000', '--workers', '0', '--amp', 'none', '--cached']
+COLLAPSE_IMAGES = 2000  # validation images for the collapse signals
+
+# row: (byol.py flags, or None for the encoder at random init; the paper's ImageNet linear
+# top-1 for it: ResNet-50, 300 epochs, ../shared/SPEC.md section 7)
 ROWS = {
-    'random init (no training)': ('randominit', None, '1.4'),
-    'tau = 1 (fixed random target)': ('tau_1', ['--tau', '1'], '18.8 ± 0.7'),
-    'tau = 0 constant (stop-gradient of online)': (
-        'tau_0_constant', ['--tau', '0', '--constant-tau'], '0.3'),
-    'tau = 0, cosine to 1': ('tau_0', ['--tau', '0'], ''),
-    'tau = 0.9': ('tau_0.9', ['--tau', '0.9'], '68.4'),
-    'tau = 0.99 (quick start)': ('tau_0.99', ['--tau', '0.99'], '72.5'),
-    'tau = 0.996': ('tau_0.996', ['--tau', '0.996'], ''),
-    'no predictor (tau = 0.99)': ('nopredictor', ['--tau', '0.99', '--no-predictor'], '0.2'),
+    'random init': (None, '1.4'),
+    'tau = 1 (fixed random target)': (['--tau', '1'], '18.8 ± 0.7'),
+    'tau_base = 0.99 (the quick start)': (['--tau', '0.99'], '72.5'),
+    'tau = 0 constant (stop-gradient of online)': (['--tau', '0', '--constant-tau'], '0.3'),
+    'no predictor (tau_base = 0.99)': (['--tau', '0.99', '--no-predictor'], '0.2'),
+    'batch 64': (['--tau', '0.99', '--batch-size', '64'], '59.7'),
+    'batch 128': (['--tau', '0.99', '--batch-size', '128'], '69.6'),
+    'batch 256': (['--tau', '0.99', '--batch-size', '256'], '71.8'),
+    'batch 512': (['--tau', '0.99', '--batch-size', '512'], '72.2'),
 }
+FOLDERS = {'random init': 'random_init', 'tau = 1 (fixed random target)': 'tau_1',
+           'tau_base = 0.99 (the quick start)': 'tau_0.99',
+           'tau = 0 constant (stop-gradient of online)': 'tau_0_constant',
+           'no predictor (tau_base = 0.99)': 'no_predictor', 'batch 64': 'batch_64',
+           'batch 128': 'batch_128', 'batch 256': 'batch_256', 'batch 512': 'batch_512'}
+# question: (rows, epochs of the schedule, the epochs after which the encoder is probed)
+QUESTIONS = {
+    'target': (['random init', 'tau = 1 (fixed random target)',
+                'tau_base = 0.99 (the quick start)',
+                'tau = 0 constant (stop-gradient of online)'], 20, (1, 2, 5, 10, 20)),
+    'predictor': (['random init', 'tau_base = 0.99 (the quick start)',
+                   'no predictor (tau_base = 0.99)'], 20, (1, 2, 5, 10, 20)),
+    'batch': (['random init', 'batch 64', 'batch 128', 'batch 256', 'batch 512'], 5, (5,)),
+}
+BATCH = 128  # the quick start's, where a row does not say
 
 
-def run(command, log, threads):
-    """command with its output in `log` -> seconds; stops the table on a failure."""
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
-    started = time.time()
-    with open(log, 'w') as f:
+def run(command, log):
+    """A script of the repository with one thread, its output appended to `log` -> CPU seconds
+    (its own and its children's); stops everything on a failure."""
+    before = os.times()
+    with open(log, 'a') as f:
         code = subprocess.call([sys.executable, *map(str, command)], stdout=f,
-                               stderr=subprocess.STDOUT, env=env, cwd=HERE)
+                               stderr=subprocess.STDOUT, cwd=HERE,
+                               env=dict(os.environ, OMP_NUM_THREADS='1'))
     if code:
-        sys.exit(f'ablations.py: {" ".join(map(str, command[:1]))} failed; see {log}')
-    return time.time() - started
+        sys.exit(f'ablations.py: {command[0]} failed (exit {code}); see {log}')
+    after = os.times()
+    return (after.children_user - before.children_user
+            + after.children_system - before.children_system)
 
 
-def one(name, seed, args):
-    """Pretrain (unless the row has no flags) and probe one row and seed -> its results."""
-    folder, flags = folder_of(name, seed, args), ROWS[name][1]
+def pretrain_and_probe(row, seed, epochs, probes, args):
+    """One row and seed: pretraining over `epochs`, stopping after each epoch of `probes` to
+    probe the encoder there (resuming continues the same run), or, for the random init, one
+    probe -> {epoch: results}. Whatever is already in its folder is reused."""
+    folder = args.out / FOLDERS[row] / f'{epochs}ep' / f'seed{seed}'
+    if ROWS[row][0] is None:
+        folder = args.out / FOLDERS[row] / f'seed{seed}'
     folder.mkdir(parents=True, exist_ok=True)
-    results = folder / 'results.jsonl'
-    if results.exists():
-        return json.loads(results.read_text().splitlines()[-1])
-    train_s = 0.0
-    if flags is None:
-        encoder = ['--arch', 'convnet', '--width', '16']
-    else:
-        print(f'{name}, seed {seed}: pretraining', flush=True)
-        train_s = run(['byol.py', '--data', args.data, *QUICK_START, *flags, '--epochs',
-                       args.epochs, '--seed', seed, '--output-dir', folder], folder / 'train.log',
-                      args.threads)
-        encoder = ['--pretrained', folder / 'checkpoint.pth']
-    print(f'{name}, seed {seed}: linear probe', flush=True)
-    probe_s = run(['linear_eval.py', '--data', args.data, *PROBE, *encoder, '--seed', seed,
-                   '--output-dir', folder / 'probe'], folder / 'probe.log', args.threads)
-    record = json.loads((folder / 'probe' / 'results.jsonl').read_text().splitlines()[-1])
-    record.update(train_s=round(train_s), probe_s=round(probe_s))
-    results.write_text(json.dumps(record) + '\n')
-    return record
+    results = {}
+    for epoch in probes:
+        done = folder / f'probe_ep{epoch}.json'
+        if done.exists():
+            results[epoch] = json.loads(done.read_text())
+            continue
+        record = dict(train_cpu_s=0.0)
+        if ROWS[row][0] is None:
+            encoder = ['--arch', 'convnet', '--width', '16']
+        else:
+            kept = folder / f'checkpoint_ep{epoch}.pth'
+            steps = epoch * (args.images // batch_size(row))
+            if not kept.exists() and saved_step(folder / 'checkpoint.pth') != steps:
+                print(f'{row}, seed {seed}: pretraining to epoch {epoch} of {epochs}', flush=True)
+                stop = []
+                if epoch < epochs:
+                    stop = ['--stop-at-step', steps]
+                record['train_cpu_s'] = run(
+                    ['byol.py', '--data', args.data, *QUICK_START, *ROWS[row][0],
+                     '--batch-size', batch_size(row), '--epochs', epochs, '--seed', seed,
+                     *stop, '--output-dir', folder], folder / 'train.log')
+            if not kept.exists():
+                shutil.copyfile(folder / 'checkpoint.pth', kept)
+            encoder = ['--pretrained', kept]
+        print(f'{row}, seed {seed}: probe after epoch {epoch}', flush=True)
+        probe = folder / f'probe_ep{epoch}'
+        record['probe_cpu_s'] = run(['linear_eval.py', '--data', args.data, *PROBE, *encoder,
+                                     '--seed', seed, '--output-dir', probe], folder / 'probe.log')
+        record.update(json.loads((probe / 'results.jsonl').read_text().splitlines()[-1]))
+        if ROWS[row][0] is not None:
+            record['collapse'] = collapse_signals(folder / f'checkpoint_ep{epoch}.pth', args.data)
+        done.write_text(json.dumps(record) + '\n')
+        results[epoch] = record
+    return results
 
 
-def folder_of(name, seed, args):
-    return args.out / ROWS[name][0] / f'seed{seed}'
+def saved_step(checkpoint):
+    """The step a byol.py checkpoint was saved at, or None."""
+    if not checkpoint.exists():
+        return None
+    return byol.load_file(checkpoint)['step']
 
 
-def final_z_std(folder):
-    """The collapse signal of the last progress line of a run's output, x sqrt(128) (the
-    quick start's projection dimension): ~0.8 spread, -> 0 collapsed; None without training."""
-    log = folder / 'train.log'
-    lines = [line for line in log.read_text().splitlines() if line.startswith('step ')] \
-        if log.exists() else []
-    return float(lines[-1].split('z_std ')[1].split()[0]) * 128 ** 0.5 if lines else None
+def batch_size(row):
+    flags = ROWS[row][0] or []
+    if '--batch-size' in flags:
+        return int(flags[flags.index('--batch-size') + 1])
+    return BATCH
+
+
+@torch.no_grad()
+def collapse_signals(checkpoint, data):
+    """The collapse signal of the online representation y = f(x) and projection z = g(y) on
+    COLLAPSE_IMAGES validation images (centre crops, BN in eval mode): the std over the images
+    of the l2-normalised vectors, averaged over the dimensions, x sqrt(d): about 1 when they
+    spread over the sphere, 0 when every image maps to the same direction."""
+    torch.set_num_threads(1)
+    encoder, dim, settings = linear_eval.load_encoder(checkpoint)
+    state = byol.load_file(checkpoint)
+    config = state['config']
+    projector = byol.mlp(dim, config['hidden_dim'], config['projection_dim'])
+    projector.load_state_dict({k[len('projector.'):]: v for k, v in state['online'].items()
+                               if k.startswith('projector.')})
+    images = augment.load_images(data, split='val')
+    every = max(1, len(images) // COLLAPSE_IMAGES)  # (every class: the folder is by class)
+    subset = augment.Subset(images, range(0, len(images), every)[:COLLAPSE_IMAGES])
+    y, _ = linear_eval.features(encoder, subset, settings['image_size'], 250, 0,
+                                torch.device('cpu'))
+    z = projector.eval()(y)
+    return {name: (F.normalize(t, dim=1).std(dim=0).mean() * t.shape[1] ** 0.5).item()
+            for name, t in (('y', y), ('z', z))}
+
+# ------------------------------------------------------------------------------------------------
+# Tables
+# ------------------------------------------------------------------------------------------------
 
 
 def mean_spread(values):
-    """'mean ± std' over seeds (sample std), and the values."""
+    """'mean ± std' over seeds (sample std)."""
     spread = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f'{statistics.mean(values):.1f} ± {spread:.1f}', ' / '.join(f'{v:.1f}' for v in values)
+    return f'{statistics.mean(values):.1f} ± {spread:.1f}'
 
 
-def minutes(seconds):
-    """'3.0-3.4 min' over the seeds' runs ('-' for none)."""
-    low, high = min(seconds) / 60, max(seconds) / 60
-    return '-' if not high else f'{low:.1f} min' if f'{low:.1f}' == f'{high:.1f}' else \
-        f'{low:.1f}-{high:.1f} min'
+def per_seed(values, digits=1):
+    return ' / '.join(f'{v:.{digits}f}' for v in values)
+
+
+def tables(question, results, args):
+    """The question's markdown tables: the probe after each epoch; the gain over the random
+    init, seed by seed; the collapse signals; the CPU time."""
+    rows, epochs, probes = QUESTIONS[question]
+    baseline = [r[1] for r in results['random init']]  # (every random-init run has one probe)
+    trained = [row for row in rows if ROWS[row][0] is not None]
+    print(f'\n{question}: CIFAR-10 folder, convnet w=16, a {epochs}-epoch schedule, seeds '
+          f'{per_seed(args.seeds, 0)}; linear probe top-1 (%), mean ± std over the seeds\n')
+    print('| run | paper, ImageNet top-1 | ' + ' | '.join(f'after epoch {e}' for e in probes)
+          + ' | per seed, at the end |')
+    print('|---|---|' + '---|' * len(probes) + '---|')
+    top1 = [b['top1'] for b in baseline]
+    print(f'| random init | {ROWS["random init"][1]} | '
+          + ' | '.join(mean_spread(top1) for _ in probes) + f' | {per_seed(top1)} |')
+    for row in trained:
+        cells = [mean_spread([r[e]['top1'] for r in results[row]]) for e in probes]
+        end = per_seed([r[probes[-1]]['top1'] for r in results[row]])
+        print(f'| {row} | {ROWS[row][1]} | ' + ' | '.join(cells) + f' | {end} |')
+
+    print('\nGain over the random init of the same seed (points), and kNN top-1 (%) at the end\n')
+    print('| run | ' + ' | '.join(f'gain after epoch {e}' for e in probes) + ' | kNN at the end |')
+    print('|---|' + '---|' * len(probes) + '---|')
+    for row in trained:
+        gains = [mean_spread([r[e]['top1'] - b['top1'] for r, b in zip(results[row], baseline)])
+                 for e in probes]
+        knn = mean_spread([r[probes[-1]]['knn_top1'] for r in results[row]])
+        print(f'| {row} | ' + ' | '.join(gains) + f' | {knn} |')
+
+    print('\nCollapse signals (about 1: spread; 0: collapsed), per seed, after each epoch\n')
+    print('| run | ' + ' | '.join(f'after epoch {e}' for e in probes) + ' |')
+    print('|---|' + '---|' * len(probes))
+    for row in trained:
+        cells = []
+        for e in probes:
+            signals = [r[e]['collapse'] for r in results[row]]
+            cells.append('y ' + per_seed([s['y'] for s in signals], 2) + '; z '
+                         + per_seed([s['z'] for s in signals], 2))
+        print(f'| {row} | ' + ' | '.join(cells) + ' |')
+
+    cpu = sum(r.get('train_cpu_s', 0) + r.get('probe_cpu_s', 0)
+              for row in rows for runs in results[row] for r in runs.values())
+    print(f'\nCPU time of the runs this command made now: {cpu / 60:.0f} CPU-minutes '
+          '(reused runs count 0)')
+
+
+def plot(question, results, out):
+    """The probe's top-1 against the epochs, a line per row (mean over the seeds, the seeds'
+    range shaded), the random init as a dashed line; needs matplotlib."""
+    try:
+        import matplotlib
+    except ImportError:
+        print('(no plot: pip install matplotlib)')
+        return
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    rows, epochs, probes = QUESTIONS[question]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    baseline = statistics.mean(r[1]['top1'] for r in results['random init'])
+    ax.axhline(baseline, color='gray', linestyle='--', label='random init')
+    for i, row in enumerate(r for r in rows if ROWS[r][0] is not None):
+        values = [[r[e]['top1'] for r in results[row]] for e in probes]
+        ax.plot(probes, [statistics.mean(v) for v in values], 'o-', color=f'C{i}', label=row)
+        ax.fill_between(probes, [min(v) for v in values], [max(v) for v in values],
+                        color=f'C{i}', alpha=0.2)
+    ax.set_xlabel('epoch')
+    ax.set_ylabel('linear probe top-1 (%)')
+    ax.set_title(f'{question}: CIFAR-10, convnet w=16, {epochs}-epoch schedule', fontsize=10)
+    if len(probes) > 1:
+        ax.set_xscale('log')
+        ax.set_xticks(probes, [str(e) for e in probes])
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=80)
+    print(f'plot: {out}')
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    p.add_argument('question', choices=list(QUESTIONS))
     p.add_argument('--data', default=str(HERE.parent / 'shared' / 'data' / 'cifar10'),
                    help='the CIFAR-10 image folder (default: ../shared/data/cifar10)')
-    p.add_argument('--epochs', type=int, default=1, help='pretraining epochs (default: 1)')
-    p.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2])
-    p.add_argument('--threads', type=int, default=1, help='OMP_NUM_THREADS of every run')
-    keys = {row[0]: name for name, row in ROWS.items()}
-    p.add_argument('--rows', nargs='+', choices=list(keys), default=list(keys), metavar='ROW',
-                   help='the rows to run, by folder name (default: all): ' + ', '.join(keys))
+    p.add_argument('--seeds', type=int, nargs='+', default=[0, 1])
+    p.add_argument('--jobs', type=int, default=1, help='runs at once, one thread each')
     p.add_argument('--out', type=Path, default=Path('runs/ablations'))
+    p.add_argument('--plot', default=None, help='the PNG (default: '
+                   'bench/figures/ablation_<question>.png)')
+    p.add_argument('--schedule', type=int, nargs='+', metavar='EPOCHS', help='a quick check of '
+                   'the command itself: the schedule\'s epochs, then the epochs to probe after')
     args = p.parse_args(argv)
     args.out = args.out.absolute()
-    table = {keys[k]: [one(keys[k], s, args) for s in args.seeds] for k in args.rows}
-
-    print(f'\n{args.epochs} epoch(s) of CIFAR-10 (convnet w=16, batch 128), seeds '
-          f'{" / ".join(map(str, args.seeds))}; {args.threads} thread(s)\n')
-    print('| run | paper, ImageNet top-1 | linear probe top-1 (%) | per seed | gain over random '
-          'init, same seed | kNN top-1 (%) | collapse signal at the end | time: pretraining / '
-          'probe |')
-    print('|---|---|---|---|---|---|---|---|')
-    random_init = table.get('random init (no training)')
-    for name, records in table.items():
-        top1, per_seed = mean_spread([r['top1'] for r in records])
-        gain = mean_spread([r['top1'] - r0['top1'] for r, r0 in zip(records, random_init)])[0] \
-            if random_init and records is not random_init else '-'
-        knn, _ = mean_spread([r['knn_top1'] for r in records])
-        z = ' / '.join(f'{z:.2f}' for s in args.seeds
-                       if (z := final_z_std(folder_of(name, s, args))) is not None)
-        train, probe = (minutes([r[k] for r in records]) for k in ('train_s', 'probe_s'))
-        print(f'| {name} | {ROWS[name][2] or "-"} | **{top1}** | {per_seed} | {gain} | {knn} | '
-              f'{z or "-"} | {train} / {probe} |')
+    args.images = len(augment.load_images(args.data))
+    if args.schedule:
+        QUESTIONS[args.question] = (QUESTIONS[args.question][0], args.schedule[0],
+                                    tuple(args.schedule[1:]) or (args.schedule[0],))
+    rows, epochs, probes = QUESTIONS[args.question]
+    started = time.time()
+    with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
+        futures = {}
+        for seed in args.seeds:
+            for row in rows:
+                row_probes = probes
+                if ROWS[row][0] is None:
+                    row_probes = (1,)  # (the random init: one probe)
+                futures[row, seed] = pool.submit(pretrain_and_probe, row, seed, epochs,
+                                                 row_probes, args)
+        results = {row: [futures[row, seed].result() for seed in args.seeds] for row in rows}
+    tables(args.question, results, args)
+    print(f'{(time.time() - started) / 60:.0f} minutes of wall time')
+    plot(args.question, results,
+         args.plot or HERE / 'bench' / 'figures' / f'ablation_{args.question}.png')
 
 
 if __name__ == '__main__':
