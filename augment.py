@@ -28,7 +28,6 @@ Usage (what byol.py does):
 Command: python augment.py IMAGE --out views.png   (a picture of T and T': README, "T and T'")
 """
 import argparse
-import contextlib
 import functools
 import io
 import math
