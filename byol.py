@@ -26,6 +26,7 @@ Measured (README.md has the tables): CIFAR-10 JPEG folder, --arch convnet --widt
 """
 import argparse
 import copy
+import inspect
 import json
 import math
 import os
@@ -473,6 +474,18 @@ def from_rank0(compute):
     return result[0]
 
 
+def distributed_data_parallel(module, device):
+    """The module under DDP (gradients averaged over the processes), without its broadcast of
+    buffers at every step: the BN statistics are the global batch's, the same on every process
+    already, and the broadcast would add a collective to every step. (torch 2.14 renamed the
+    option; both keep the buffers' broadcast at the start.)"""
+    device_ids = [device] if device.type == 'cuda' else None
+    options = dict(broadcast_buffers=False)
+    if 'forward_sync_buffers' in inspect.signature(DistributedDataParallel).parameters:
+        options = dict(forward_sync_buffers=False)
+    return DistributedDataParallel(module, device_ids=device_ids, **options)
+
+
 def synchronize_batchnorm(module):
     """Every BatchNorm of the module computes its statistics over the global batch (SPEC.md
     section 1), when several processes train."""
@@ -881,10 +894,7 @@ def train(args, received):
         del checkpoint
     model = byol
     if world > 1:
-        # (broadcast_buffers off: the BN statistics are the global batch's, already the same on
-        # every process; broadcasting them would add a collective to every step)
-        device_ids = [device] if device.type == 'cuda' else None
-        model = DistributedDataParallel(byol, device_ids=device_ids, broadcast_buffers=False)
+        model = distributed_data_parallel(byol, device)
     if args.compile:  # the forward and backward of both networks; the EMA and LARS stay eager
         model = torch.compile(model)
     if args.epochs < 40:

@@ -57,15 +57,32 @@ def per_image_views(crops, u):
 # ------------------------------------------------------------------------------------------------
 
 
-def make_step(args, device, batched_augment=True, amp=None, channels_last=None, compile=False):
+class OneCallBYOL(byol.BYOL):
+    """byol.BYOL with both views through each network in one call, for timing only: an upper
+    bound on the speed of one call whose BN keeps per-view statistics (here the two views'
+    statistics mix, as in lucidrains' byol-pytorch, which the official code does not)."""
+
+    def forward(self, v1, v2, labels=None):
+        online, target = self.online, self.target
+        q1, q2 = online.predictor(online.projector(online.encoder(torch.cat([v1, v2])))).chunk(2)
+        with torch.no_grad():
+            t1, t2 = target.projector(target.encoder(torch.cat([v1, v2]))).chunk(2)
+        loss = byol.symmetric_loss(q1, q2, t1, t2)
+        return loss, loss.detach()
+
+
+def make_step(args, device, batched_augment=True, amp=None, channels_last=None, compile=False,
+              one_call=False):
     """A training step of byol.py (augmentation included, crops given) with the chosen ways."""
     torch.manual_seed(0)
-    amp = amp if amp is not None else byol.default_amp()
-    channels_last = (device.type == 'cuda' or args.arch == 'convnet') if channels_last is None \
-        else channels_last  # as byol.py
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    if amp is None:
+        amp = byol.default_amp()
+    memory_format = byol.fastest_memory_format(device, args.arch)  # as byol.py
+    if channels_last is not None:
+        memory_format = torch.channels_last if channels_last else torch.contiguous_format
     encoder, dim = byol.build_encoder(args.arch, args.image_size <= 64, args.width)
-    model = byol.BYOL(encoder, dim, args.hidden_dim, args.projection_dim).to(
+    network = OneCallBYOL if one_call else byol.BYOL
+    model = network(encoder, dim, args.hidden_dim, args.projection_dim).to(
         device, memory_format=memory_format)
     optimizer = byol.LARS(byol.lars_param_groups(model, 1.5e-6), lr=0.1)
     forward = torch.compile(model) if compile else model
@@ -140,22 +157,23 @@ def matmul_rate(device, n=8192, repeats=20):
 def pipeline_rates(args, device):
     """Views/s delivered by each placement of the pipeline's stages (augment.batches), over the
     image folder --pipeline: the loader's workers, the dataset held in memory (if it fits), and,
-    on GPUs, cropping there (the workers decode) and decoding there (the workers read files)."""
+    on GPUs, cropping there (the workers only decode). Each rate is printed as it is measured."""
     images = augment.load_images(args.pipeline)
     placements = [dict(in_memory=False)]
     if augment.images_in_memory(images) is not None:
         placements.append(dict(in_memory=True))
     if device.type == 'cuda':
-        placements += [dict(in_memory=False, on_device='crop'),
-                       dict(in_memory=False, on_device='decode')]
+        placements.append(dict(in_memory=False, on_device='crop'))
     rates = {}
     for options in placements:
         loader, where = augment.batches(images, args.image_size, args.batch_size, 'byol',
                                         device=device, workers=args.workers, **options)
         loader.set_epoch(0)
-        name = where.split(', ', 1)[1] + ('' if options['in_memory'] else
-                                          f' ({args.workers} workers)')
+        name = where.split(', ', 1)[1]
+        if not options['in_memory']:
+            name += f' ({args.workers} workers)'
         rates[name] = delivered(loader, device, args.pipeline_batches)
+        print(f'  pipeline: {name:60s} {rates[name]:9.1f} img/s', flush=True)
     return rates
 
 
@@ -236,9 +254,18 @@ def in_a_worker(pipeline, keys, rounds):
 
 
 def delivered(loader, device, n):
-    n = min(n, len(loader) - 1)  # one epoch at most (a small folder)
+    """Views/s over n batches, once the loader runs steadily: the batches its workers make
+    ahead while they start (workers x prefetch) are taken first, untimed, so that the rate is
+    the loader's, not the hand-off of batches made before the clock started."""
+    ahead = 1 + loader.loader.num_workers * (loader.loader.prefetch_factor or 0)
+    n = min(n, len(loader) - ahead)  # one epoch at most
+    if n < 1:
+        raise SystemExit(f'throughput.py: {len(loader)} batches in the folder, {ahead} of them '
+                         'made ahead: give --pipeline a folder of more images')
     iterator = iter(loader)
-    next(iterator)  # warm-up: workers start, first batch
+    for _ in range(ahead):
+        next(iterator)
+    sync(device)
     count, start = 0, time.perf_counter()
     for _ in range(n):
         views, _, _ = next(iterator)
@@ -272,6 +299,8 @@ def main():
     p.add_argument('--repeats', type=int, default=3)
     p.add_argument('--compile', action='store_true', help='also time torch.compile')
     p.add_argument('--no-ablations', action='store_true', help='only the two ends')
+    p.add_argument('--one-call', action='store_true', help='also time both views through each '
+                   'network in one call (an upper bound: BN statistics mixed)')
     p.add_argument('--no-baseline', action='store_true', help='not the straightforward step '
                    '(its per-image augmentation takes long at 224 px)')
     p.add_argument('--pipeline', default=None, help='an image folder: also time the pipeline')
@@ -291,6 +320,8 @@ def main():
         variants['byol.py - channels_last'] = dict(channels_last=False)
     if args.compile:
         variants['byol.py + compile'] = dict(compile=True)
+    if args.one_call:
+        variants['byol.py, both views in one call (bound)'] = dict(one_call=True)
     if args.no_baseline:
         del variants['straightforward']
 
@@ -331,8 +362,6 @@ def main():
               f'crops at once on {device}: {ms["crops on the device"]:.2f} ms per image)',
               flush=True)
         results['pipeline'] = pipeline_rates(args, device)
-        for name, rate in results['pipeline'].items():
-            print(f'  pipeline: {name:60s} {rate:9.1f} img/s')
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(results, indent=1))
 
