@@ -727,6 +727,14 @@ def export_encoder(encoder, settings, out):
     save_atomic(encoder.state_dict(), out / 'encoder.pth')
 
 
+def set_up(output_dir):
+    """What every script does first: the processes (torchrun or not), and a check that the
+    output folder can be written -> (world size, device)."""
+    _, world, device = setup_distributed()
+    check_output_dir(output_dir)
+    return world, device
+
+
 def check_output_dir(path):
     """Fail at once, before any data is read or model built, if the folder cannot be created
     or written (a file in the way, no permission); nothing is created here."""
@@ -833,9 +841,8 @@ def train(args, received):
     """A BYOL run: set up the processes, data, networks and optimizer (or resume them), then
     train_step over the epochs, with a checkpoint after each epoch and when stopped (a signal in
     `received`, --stop-at-step); at the end the online encoder is exported."""
-    _, world, device = setup_distributed()
+    world, device = set_up(args.output_dir)
     out = Path(args.output_dir)
-    check_output_dir(out)
     resume, checkpoint = from_rank0(lambda: find_checkpoint(args.resume, out))  # before heavy work
     saved = None  # the resumed run's settings
     if isinstance(checkpoint, dict) and isinstance(checkpoint.get('config'), dict):
@@ -1132,14 +1139,23 @@ def resolve_config(args, images, saved=None):
     for name, value in zip(names, defaults):
         if getattr(args, name) is None:
             setattr(args, name, value)
-    if args.amp is None:
-        if saved and saved.get('amp') in AMP_CHOICES:
-            args.amp = saved['amp']
-        else:
-            args.amp = default_amp()
-    if args.workers is None:
-        args.workers = augment.default_workers()
+    args.amp, args.workers = precision_and_workers(args, saved)
     return args
+
+
+def precision_and_workers(args, saved=None):
+    """--amp and --workers, the defaults filled in (every script): the precision of `saved`
+    (a resumed run's config), else the fastest here (default_amp); the loader workers of this
+    process's share of the cores (augment.default_workers)."""
+    amp, workers = args.amp, args.workers
+    if amp is None:
+        if saved and saved.get('amp') in AMP_CHOICES:
+            amp = saved['amp']
+        else:
+            amp = default_amp()
+    if workers is None:
+        workers = augment.default_workers()
+    return amp, workers
 
 
 def run_cli(prog, run, parser, argv=None):

@@ -68,7 +68,7 @@ def get_parser():
     p = byol.ArgumentParser(prog='semi_sup.py', description='Fine-tuning on a labelled subset '
                             '(BYOL paper, section 4.1 and appendix C.1).')
     a = p.add_argument
-    linear_eval.add_data_arguments(p)
+    byol.add_data_arguments(p)
     a('--subset', required=True, help='the labelled images: 1percent or 10percent (the official '
       'ImageNet lists), a FILE of file names, or a FRACTION in (0, 1] (class-balanced, seeded)')
     a('--subset-dir', default=str(Path(__file__).resolve().parent / 'imagenet_subsets'),
