@@ -43,6 +43,15 @@ import torch.distributed as dist
 import torch.nn.functional as F
 import torchvision
 
+
+class UserError(Exception):
+    """A problem with the user's input (data, flags, files): reported as one line, no traceback."""
+
+
+# ================================================================================================
+# The two views: T and T' (paper section 3.3, appendix B)
+# ================================================================================================
+
 # ------------------------------------------------------------------------------------------------
 # The two distributions side by side (paper Table 6; SPEC.md section 3)
 # ------------------------------------------------------------------------------------------------
@@ -205,62 +214,6 @@ def _rounded(x, dtype):
     return x.clamp_(0, 255)
 
 
-def _crops_at_once(photos, boxes, size, dtype=torch.uint8, chunk=2 ** 24):
-    """crops_of for every crop of a batch at once (GPUs: a few dozen kernels a run of crops,
-    not a dozen a crop): the same two passes of four taps, as gathers of whole pixels from the
-    photos' pixel rows (N, C). Pass 1 makes each crop's S output rows at its own width w (S w
-    pixels a crop, the crops one after another), pass 2 their S columns. Crops go in runs of at
-    most `chunk` pass-1 pixels (2^24: about 1 GB of temporaries). boxes and photos.shapes are
-    on the host, so no size waits for the device."""
-    b, v = boxes.shape[:2]
-    boxes = boxes.reshape(-1, 4)
-    areas = photos.shapes.prod(1)
-    first = (areas.cumsum(0) - areas).repeat_interleave(v)      # each crop's image: first pixel,
-    width = photos.shapes[:, 1].repeat_interleave(v)            # and width
-    ends = (boxes[:, 3] * size).cumsum(0)                       # pass-1 pixels up to each crop
-    out = torch.empty(b * v, size, size, photos.pixels.shape[1], dtype=dtype,
-                      device=photos.pixels.device)
-    start = 0
-    while start < len(boxes):
-        done = ends[start - 1] if start else 0
-        end = max(start + 1, int(torch.searchsorted(ends, done + chunk, right=True)))
-        k = slice(start, end)
-        corner = first[k] + boxes[k, 0] * width[k] + boxes[k, 1]
-        out[k] = _resample_at_once(photos.pixels, corner, width[k], boxes[k, 2:], size, dtype)
-        start = end
-    return out.permute(0, 3, 1, 2).contiguous().view(b, v, -1, size, size)  # (as crops_of's)
-
-
-def _resample_at_once(pixels, corner, width, sizes, size, dtype):
-    """The two passes for K crops of sizes (K, 2) (h, w) whose top-left pixel is
-    pixels[corner] (K,), in images `width` (K,) pixels wide; all on the host -> (K, S, S, C) of
-    dtype on the pixels' device."""
-    device, k, n = pixels.device, len(sizes), int(sizes[:, 1].sum()) * size
-    corner, width, h, w = (t.to(device, non_blocking=True) for t in (corner, width, *sizes.T))
-    ry, wy = _bicubic_taps(h, size)                                     # (K, 4, S)
-    rx, wx = _bicubic_taps(w, size)
-    # pass 1: pixel x of output row i of crop k (row r = k S + i, w_k pixels): the sum over
-    # the taps a of wy[k, a, i] * pixels[corner_k + ry[k, a, i] * width_k + x]
-    length = w.repeat_interleave(size)                                  # (K S,)
-    row_first = length.cumsum(0) - length                               # where row r starts
-    r = torch.arange(k * size, device=device).repeat_interleave(length, output_size=n)
-    x = torch.arange(n, device=device) - row_first[r]                   # (n,)
-    tap_first = (corner[:, None, None] + ry * width[:, None, None]).transpose(1, 2).reshape(-1, 4)
-    wy = wy.transpose(1, 2).reshape(-1, 4)                              # (K S, 4)
-    rows = None
-    for a in range(4):  # (acc + w x fused, as embedding_bag sums: the same floats)
-        term = pixels.index_select(0, tap_first[r, a] + x).float()
-        rows = wy[r, a, None] * term if rows is None else rows.addcmul_(wy[r, a, None], term)
-    # pass 2: pixel j of row r = k S + i: the sum over the taps a of
-    # wx[k, a, j] * rows[row_first[r] + rx[k, a, j]]
-    out = None
-    for a in range(4):
-        term = rows.index_select(0, (row_first.view(k, size, 1) + rx[:, a, None]).view(-1))
-        term, weight = term.view(k, size, size, -1), wx[:, a, None, :, None]
-        out = weight * term if out is None else out.addcmul_(weight, term)
-    return _rounded(out, dtype)
-
-
 def _weighted_rows(x, taps, weights):
     """sum_j weights[..., j, :] * x[taps[..., j, :]]: one resampling pass of four taps over the
     rows of x (N, M), with taps and weights (..., 4, S) -> (... S, M), in one fused gather."""
@@ -297,30 +250,6 @@ def _bicubic_taps(length, size):
     weight = weight * ((taps >= 0) & (taps < length[:, None, None]))
     weight = weight / weight.sum(dim=1, keepdim=True)
     return torch.minimum(taps.clamp_min(0), length[:, None, None] - 1), weight.float()
-
-
-def _bicubic_matrix(start, length, in_size, size):
-    """The same resampling as (B, size, in_size) matrices for rows [start, start + length) of
-    same-size images, for the batched products of resized_crops."""
-    taps, weight = _bicubic_taps(length, size)
-    matrix = torch.zeros(len(start), size, in_size, device=start.device, dtype=torch.float32)
-    return matrix.scatter_add_(2, (taps + start[:, None, None]).transpose(1, 2),
-                               weight.transpose(1, 2))
-
-
-def resized_crops(images, boxes, size, dtype=torch.uint8):
-    """Random resized crops of a batch of same-size uint8 images (B, C, H, W) with boxes (B, 4)
-    -> (B, C, S, S) of dtype, in two batched matrix products (rows, then columns).
-
-    DEVIATION: training crops are rounded to uint8 (error <= 0.5/255), so that loaders ship 4x
-    fewer bytes; the official pipeline keeps the resized crop in float, as evaluation crops
-    are kept here (dtype float32)."""
-    top, left, h, w = boxes.to(images.device, non_blocking=True).unbind(1)
-    rows = _bicubic_matrix(top, h, images.shape[-2], size)              # (B, S, H)
-    cols = _bicubic_matrix(left, w, images.shape[-1], size)             # (B, S, W)
-    out = rows[:, None] @ images.float() @ cols[:, None].transpose(-1, -2)
-    return _rounded(out, dtype)
-
 
 # ------------------------------------------------------------------------------------------------
 # Photometric ops (on the device, batched; x is (B, 3, H, W) in [0, 1], parameters are (B,))
@@ -496,17 +425,32 @@ def eval_batch(crops, u=None):
     return normalize(x)
 
 # ------------------------------------------------------------------------------------------------
+# How an image becomes its two views
+# ------------------------------------------------------------------------------------------------
+
+
+def two_views(crops, u):
+    """v ~ T and v' ~ T' for a batch of images (paper section 3.1): each image's two random
+    resized crops (crops (B, 2, 3, S, S) uint8, made by crops_of with crop_boxes drawn from u),
+    then the photometric half of T on the first and of T' on the second, each with the image's
+    own uniform numbers u (B, 2, N_SLOTS) -> the two views (2, B, 3, S, S), normalised. Where
+    the pipeline runs its stages (loader workers, the device), this is what it computes."""
+    v = augment_batch(crops[:, 0], u[:, 0], T)
+    v_prime = augment_batch(crops[:, 1], u[:, 1], T_PRIME)
+    return torch.stack([v, v_prime])
+
+
+# ================================================================================================
+# Feeding them fast: image sources, the batch on the device, the loader
+# ================================================================================================
+
+# ------------------------------------------------------------------------------------------------
 # Image sources: an image folder or a named torchvision dataset
 # ------------------------------------------------------------------------------------------------
 # A source has len(), labels (one int per image; -1: none), classes, name(i), read(indices) (a
 # list of file bytes, or of decoded images, or one (B, 3, H, W) uint8 tensor), load(i) (one image
-# decoded, uint8 (3, H, W)) and shared_size ((H, W) if every image has that size, else None).
 NAMED_DATASETS = ('cifar10', 'cifar100', 'stl10', 'fashionmnist')
 MAX_IN_MEMORY = 200_000  # images held on the device: CIFAR, STL-10 (105k at 96 px: 2.9 GB)
-
-
-class UserError(Exception):
-    """A problem with the user's input (data, flags, files): reported as one line, no traceback."""
 
 
 def decode(data):
@@ -732,6 +676,89 @@ def warn_unreadable(name, error):
           file=sys.stderr, flush=True)
 
 # ------------------------------------------------------------------------------------------------
+# Every crop of a batch at once, on the device: the same resampling, batched
+# ------------------------------------------------------------------------------------------------
+
+
+def _crops_at_once(photos, boxes, size, dtype=torch.uint8, chunk=2 ** 24):
+    """crops_of for every crop of a batch at once (GPUs: a few dozen kernels a run of crops,
+    not a dozen a crop): the same two passes of four taps, as gathers of whole pixels from the
+    photos' pixel rows (N, C). Pass 1 makes each crop's S output rows at its own width w (S w
+    pixels a crop, the crops one after another), pass 2 their S columns. Crops go in runs of at
+    most `chunk` pass-1 pixels (2^24: about 1 GB of temporaries). boxes and photos.shapes are
+    on the host, so no size waits for the device."""
+    b, v = boxes.shape[:2]
+    boxes = boxes.reshape(-1, 4)
+    areas = photos.shapes.prod(1)
+    first = (areas.cumsum(0) - areas).repeat_interleave(v)      # each crop's image: first pixel,
+    width = photos.shapes[:, 1].repeat_interleave(v)            # and width
+    ends = (boxes[:, 3] * size).cumsum(0)                       # pass-1 pixels up to each crop
+    out = torch.empty(b * v, size, size, photos.pixels.shape[1], dtype=dtype,
+                      device=photos.pixels.device)
+    start = 0
+    while start < len(boxes):
+        done = ends[start - 1] if start else 0
+        end = max(start + 1, int(torch.searchsorted(ends, done + chunk, right=True)))
+        k = slice(start, end)
+        corner = first[k] + boxes[k, 0] * width[k] + boxes[k, 1]
+        out[k] = _resample_at_once(photos.pixels, corner, width[k], boxes[k, 2:], size, dtype)
+        start = end
+    return out.permute(0, 3, 1, 2).contiguous().view(b, v, -1, size, size)  # (as crops_of's)
+
+
+def _resample_at_once(pixels, corner, width, sizes, size, dtype):
+    """The two passes for K crops of sizes (K, 2) (h, w) whose top-left pixel is
+    pixels[corner] (K,), in images `width` (K,) pixels wide; all on the host -> (K, S, S, C) of
+    dtype on the pixels' device."""
+    device, k, n = pixels.device, len(sizes), int(sizes[:, 1].sum()) * size
+    corner, width, h, w = (t.to(device, non_blocking=True) for t in (corner, width, *sizes.T))
+    ry, wy = _bicubic_taps(h, size)                                     # (K, 4, S)
+    rx, wx = _bicubic_taps(w, size)
+    # pass 1: pixel x of output row i of crop k (row r = k S + i, w_k pixels): the sum over
+    # the taps a of wy[k, a, i] * pixels[corner_k + ry[k, a, i] * width_k + x]
+    length = w.repeat_interleave(size)                                  # (K S,)
+    row_first = length.cumsum(0) - length                               # where row r starts
+    r = torch.arange(k * size, device=device).repeat_interleave(length, output_size=n)
+    x = torch.arange(n, device=device) - row_first[r]                   # (n,)
+    tap_first = (corner[:, None, None] + ry * width[:, None, None]).transpose(1, 2).reshape(-1, 4)
+    wy = wy.transpose(1, 2).reshape(-1, 4)                              # (K S, 4)
+    rows = None
+    for a in range(4):  # (acc + w x fused, as embedding_bag sums: the same floats)
+        term = pixels.index_select(0, tap_first[r, a] + x).float()
+        rows = wy[r, a, None] * term if rows is None else rows.addcmul_(wy[r, a, None], term)
+    # pass 2: pixel j of row r = k S + i: the sum over the taps a of
+    # wx[k, a, j] * rows[row_first[r] + rx[k, a, j]]
+    out = None
+    for a in range(4):
+        term = rows.index_select(0, (row_first.view(k, size, 1) + rx[:, a, None]).view(-1))
+        term, weight = term.view(k, size, size, -1), wx[:, a, None, :, None]
+        out = weight * term if out is None else out.addcmul_(weight, term)
+    return _rounded(out, dtype)
+
+
+def _bicubic_matrix(start, length, in_size, size):
+    """The same resampling as (B, size, in_size) matrices for rows [start, start + length) of
+    same-size images, for the batched products of resized_crops."""
+    taps, weight = _bicubic_taps(length, size)
+    matrix = torch.zeros(len(start), size, in_size, device=start.device, dtype=torch.float32)
+    return matrix.scatter_add_(2, (taps + start[:, None, None]).transpose(1, 2),
+                               weight.transpose(1, 2))
+
+
+def resized_crops(images, boxes, size, dtype=torch.uint8):
+    """Random resized crops of a batch of same-size uint8 images (B, C, H, W) with boxes (B, 4)
+    -> (B, C, S, S) of dtype, in two batched matrix products (rows, then columns).
+
+    DEVIATION: training crops are rounded to uint8 (error <= 0.5/255), so that loaders ship 4x
+    fewer bytes; the official pipeline keeps the resized crop in float, as evaluation crops
+    are kept here (dtype float32)."""
+    top, left, h, w = boxes.to(images.device, non_blocking=True).unbind(1)
+    rows = _bicubic_matrix(top, h, images.shape[-2], size)              # (B, S, H)
+    cols = _bicubic_matrix(left, w, images.shape[-1], size)             # (B, S, W)
+    out = rows[:, None] @ images.float() @ cols[:, None].transpose(-1, -2)
+    return _rounded(out, dtype)
+
+# ------------------------------------------------------------------------------------------------
 # The pipeline: image files -> batches of views on the training device
 # ------------------------------------------------------------------------------------------------
 # Four stages, each a function of a batch (data, u, labels, indices):
@@ -884,8 +911,7 @@ class Pipeline(torch.utils.data.Dataset):
         # u from the host: the colour jitter reads its groups' sizes there, with no wait for
         # the device (augment_batch moves u there for the rest)
         if self.mode == 'byol':
-            views = torch.stack([augment_batch(crops[:, 0], u[:, 0], T),
-                                 augment_batch(crops[:, 1], u[:, 1], T_PRIME)])
+            views = two_views(crops, u)
         elif self.mode == 'train':
             views = eval_batch(crops[:, 0], u[:, 0].to(crops.device, non_blocking=True))[None]
         else:

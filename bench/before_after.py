@@ -1,13 +1,17 @@
-"""bench/before_after.py: the code before the redesign (commit 97ef36a: byol.py's Crops,
-DeviceCrops, foreach LARS/EMA) and this checkout side by side in one process, alternating round
-by round, so that a machine whose speed drifts compares them fairly: the training step
-(ResNet-18, 32 px, batch 32, float32) and the pipeline on the CIFAR-10 folder (batch 32: the
-loader's work done in-process, and the dataset held in memory). Prints each round's rates, then
-the medians and the median of the per-round ratios (bench/RESULTS.md).
+"""bench/before_after.py: an earlier checkout and this one side by side in one process, alternating
+round by round, so that a machine whose speed drifts compares them fairly: the training step
+(the quick start's convnet w=16 at batch 128, and ResNet-18 at batch 32; 32 px, float32,
+augmentation included) and the pipeline on the CIFAR-10 folder (batch 128: the loader's work
+done in-process, and the dataset held in memory). Prints each round's rates, then the medians
+and the median of the per-round ratios (bench/RESULTS.md).
 
-    git worktree add /tmp/before 97ef36a
-    python bench/before_after.py /tmp/before ../shared/data/cifar10
+    git worktree add /tmp/before COMMIT
+    python bench/before_after.py /tmp/before ../shared/data/cifar10 [--rounds 7]
+
+Both checkouts must have augment.batches and augment.Pipeline (the code since the GPU-feeding
+work of 2026-11).
 """
+import argparse
 import importlib.util
 import statistics
 import sys
@@ -33,80 +37,87 @@ def load(alias, path, deps=None):
     return module
 
 
-BEFORE, CIFAR = Path(sys.argv[1]), sys.argv[2]
-HERE = Path(__file__).resolve().parent.parent
-old_aug = load('old_augment', BEFORE / 'augment.py')
-old_byol = load('old_byol', BEFORE / 'byol.py', {'augment': old_aug})
-new_aug = load('new_augment', HERE / 'augment.py')
-new_byol = load('new_byol', HERE / 'byol.py', {'augment': new_aug})
-cpu = torch.device('cpu')
-
-
-def step_fn(B, two_views, new):
-    """One training step of module B's BYOL (ResNet-18, small stem), views made by two_views."""
+def step_fn(B, A, arch, batch, width=None, hidden=4096, projection=256):
+    """One training step of checkout (B = its byol, A = its augment): views made from uint8
+    crops by the pipeline's views stage, forward, backward, LARS, EMA."""
     torch.manual_seed(0)
-    enc, dim = B.build_encoder('resnet18', True)
-    model = B.BYOL(enc, dim)
-    opt = B.LARS(B.lars_param_groups(model, 1.5e-6), lr=0.1)
-    crops = torch.randint(0, 256, (32, 2, 3, 32, 32), dtype=torch.uint8)
-    u = (new_aug if new else old_aug).uniforms(0, 0, torch.arange(32))
+    encoder, dim = B.build_encoder(arch, True, width)
+    model = B.BYOL(encoder, dim, hidden, projection)
+    memory_format = torch.channels_last if arch == 'convnet' else torch.contiguous_format
+    model.to(memory_format=memory_format)
+    optimizer = B.LARS(B.lars_param_groups(model, 1.5e-6), lr=0.1)
+    crops = torch.randint(0, 256, (batch, 2, 3, 32, 32), dtype=torch.uint8)
+    u = A.uniforms(0, 0, torch.arange(batch))
+    pipeline = A.Pipeline(None, 32, 'byol')
 
     def step():
-        v1, v2 = two_views(crops, u)
-        out = model(v1, v2)
-        loss = out[0] if new else out  # the new forward returns (loss, monitor)
-        opt.zero_grad(set_to_none=True)
+        v1, v2 = (v.contiguous(memory_format=memory_format)
+                  for v in pipeline.views(crops, u, None, None))
+        loss, _ = model(v1, v2)
+        optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        opt.step()
+        optimizer.step()
         model.update_target(0.996)
     return step
 
 
-def rate_steps(step, n=3):
+def rate_steps(step, batch, n=3):
     step()
     start = time.perf_counter()
     for _ in range(n):
         step()
-    return 32 * n / (time.perf_counter() - start)
+    return batch * n / (time.perf_counter() - start)
 
 
-def rate_loader(loader, n, set_epoch, augment_after=None):
-    set_epoch()
+def rate_loader(loader, batch, n, epoch):
+    loader.set_epoch(epoch)
     batches = iter(loader)
     next(batches)
     start = time.perf_counter()
     for _ in range(n):
-        batch = next(batches)
-        if augment_after:
-            augment_after(batch)
-    return 32 * n / (time.perf_counter() - start)
+        next(batches)
+    return batch * n / (time.perf_counter() - start)
 
 
-old_step = step_fn(old_byol, old_byol.two_views, False)
-new_step = step_fn(new_byol, lambda crops, u: new_aug.Pipeline(None, 32, 'byol').views(
-    crops, u, None, None), True)
-old_images, new_images = old_byol.load_images(CIFAR), new_aug.load_images(CIFAR)
-old_loader = old_byol.make_loader(old_byol.Crops(old_images, 32), 32, 0, True, 0, cpu,
-                                  transform=old_byol.views_in_loader)
-new_loader, _ = new_aug.batches(new_images, 32, 32, 'byol', workers=0, in_memory=False)
-old_memory = old_byol.DeviceCrops(old_byol.images_in_memory(old_images), 32, 32, 0, cpu)
-new_memory, _ = new_aug.batches(new_images, 32, 32, 'byol', workers=0, in_memory=True)
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    p.add_argument('before', type=Path, help='the earlier checkout')
+    p.add_argument('cifar', help='the CIFAR-10 image folder')
+    p.add_argument('--rounds', type=int, default=7)
+    args = p.parse_args()
+    here = Path(__file__).resolve().parent.parent
+    modules = {}
+    for version, root in (('before', args.before), ('now', here)):
+        a = load(f'{version}_augment', root / 'augment.py')
+        modules[version] = (load(f'{version}_byol', root / 'byol.py', {'augment': a}), a)
 
-results = {f'{what} {version}': [] for what in ('step', 'loader', 'memory')
-           for version in ('old', 'new')}
-for r in range(7):
-    results['step old'].append(rate_steps(old_step))
-    results['step new'].append(rate_steps(new_step))
-    results['loader old'].append(rate_loader(old_loader, 30,
-                                             lambda: old_loader.sampler.set_epoch(r)))
-    results['loader new'].append(rate_loader(new_loader, 30, lambda: new_loader.set_epoch(r)))
-    results['memory old'].append(rate_loader(old_memory, 30,
-                                             lambda: old_memory.sampler.set_epoch(r),
-                                             lambda b: old_byol.two_views(*b)))
-    results['memory new'].append(rate_loader(new_memory, 30, lambda: new_memory.set_epoch(r)))
-    print(r, {k: round(v[-1], 1) for k, v in results.items()}, flush=True)
-for what in ('step', 'loader', 'memory'):
-    ratios = [n / o for n, o in zip(results[f'{what} new'], results[f'{what} old'])]
-    print(f'{what}: old median {statistics.median(results[what + " old"]):.1f}, new median '
-          f'{statistics.median(results[what + " new"]):.1f} img/s; new/old per round: median '
-          f'{statistics.median(ratios):.3f} (min {min(ratios):.3f}, max {max(ratios):.3f})')
+    measures = {}
+    for version, (B, A) in modules.items():
+        images = A.load_images(args.cifar)
+        loader, _ = A.batches(images, 32, 128, 'byol', workers=0, in_memory=False)
+        memory, _ = A.batches(images, 32, 128, 'byol', workers=0, in_memory=True)
+        measures[version] = {
+            'step convnet': lambda r, s=step_fn(B, A, 'convnet', 128, 16, 512, 128): rate_steps(
+                s, 128),
+            'step resnet18': lambda r, s=step_fn(B, A, 'resnet18', 32): rate_steps(s, 32),
+            'loader': lambda r, b=loader: rate_loader(b, 128, 10, r),
+            'memory': lambda r, b=memory: rate_loader(b, 128, 10, r),
+        }
+    names = list(measures['now'])
+    results = {(name, version): [] for name in names for version in modules}
+    for r in range(args.rounds):
+        for name in names:
+            for version in modules:
+                results[name, version].append(measures[version][name](r))
+        print(r, {f'{n} {v}': round(rates[-1], 1) for (n, v), rates in results.items()},
+              flush=True)
+    for name in names:
+        before, now = results[name, 'before'], results[name, 'now']
+        ratios = [n / b for n, b in zip(now, before)]
+        print(f'{name}: before median {statistics.median(before):.1f}, now median '
+              f'{statistics.median(now):.1f} img/s; now/before per round: median '
+              f'{statistics.median(ratios):.3f} (min {min(ratios):.3f}, max {max(ratios):.3f})')
+
+
+if __name__ == '__main__':
+    main()

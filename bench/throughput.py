@@ -42,15 +42,11 @@ import byol  # noqa: E402
 # ------------------------------------------------------------------------------------------------
 
 
-def two_views(crops, u):
-    """The photometric halves of T and T' on a batch of crop pairs, as the pipeline makes them."""
-    return augment.Pipeline(None, crops.shape[-1], 'byol').views(crops, u, None, None)
-
-
 def per_image_views(crops, u):
-    """two_views one image at a time, on the CPU (as a per-image torchvision pipeline)."""
+    """augment.two_views one image at a time, on the CPU (as a per-image torchvision pipeline)."""
     crops, u = crops.cpu(), u.cpu()
-    return torch.cat([two_views(crops[i:i + 1], u[i:i + 1]) for i in range(len(crops))], dim=1)
+    views = [augment.two_views(crops[i:i + 1], u[i:i + 1]) for i in range(len(crops))]
+    return torch.cat(views, dim=1)
 
 # ------------------------------------------------------------------------------------------------
 # The step
@@ -91,7 +87,7 @@ def make_step(args, device, batched_augment=True, amp=None, channels_last=None, 
     u = augment.uniforms(0, 0, torch.arange(args.batch_size))  # on the host, as the loader's
 
     def step():
-        v1, v2 = two_views(crops, u) if batched_augment else per_image_views(crops, u)
+        v1, v2 = augment.two_views(crops, u) if batched_augment else per_image_views(crops, u)
         v1, v2 = (v.to(device).contiguous(memory_format=memory_format) for v in (v1, v2))
         with byol.autocast(device, amp):
             loss, _ = forward(v1, v2)
@@ -107,7 +103,7 @@ def make_step(args, device, batched_augment=True, amp=None, channels_last=None, 
 def v1_v2_flops(model, crops, u, device, amp, memory_format):
     """FLOPs of one forward + backward of the BYOL module (the step's arithmetic)."""
     from torch.utils.flop_counter import FlopCounterMode
-    v1, v2 = (v.contiguous(memory_format=memory_format) for v in two_views(crops, u))
+    v1, v2 = (v.contiguous(memory_format=memory_format) for v in augment.two_views(crops, u))
     with FlopCounterMode(display=False) as counter:
         with byol.autocast(device, amp):
             loss, _ = model(v1, v2)
