@@ -617,19 +617,18 @@ def configure_device(device, amp):
         torch.backends.cudnn.allow_tf32 = amp != 'none'
 
 
-# Saved activations of a ResNet-50 step at 224 px per image (two views, both networks), measured
-# in bf16 on a GPU (bench/RESULTS.md); float32 doubles them. An estimate for other networks.
-RESNET50_BYTES_PER_IMAGE = 83.5 * 2 ** 20
+# Saved activations of a ResNet-50 step at 224 px, per image (two views, both networks, the
+# saved tensors that grow with the batch; bench/memory.py): 83.5 MiB under bf16 / fp16 autocast,
+# 164 MiB in float32. A GPU's peak is higher (transient buffers): a quarter is left spare.
+RESNET50_BYTES_PER_IMAGE = {'bf16': 83.5 * 2 ** 20, 'fp16': 83.5 * 2 ** 20, 'none': 164 * 2 ** 20}
 
 
 def out_of_memory(args, world, device):
     """The one line for a CUDA out-of-memory error: what fits, and what to do."""
     per_gpu = args.batch_size // world
     total = torch.cuda.get_device_properties(device).total_memory
-    per_image = RESNET50_BYTES_PER_IMAGE
-    if args.amp == 'none':
-        per_image *= 2
-    fits = int((total - 4 * 2 ** 30) / per_image)  # (4 GiB: weights, optimizer, workspace)
+    # (4 GiB for the weights, the optimizer and the workspaces; a quarter spare)
+    fits = int(0.75 * (total - 4 * 2 ** 30) / RESNET50_BYTES_PER_IMAGE[args.amp])
     return (f'the GPU ran out of memory at {per_gpu} images per GPU ({args.arch}, '
             f'{args.image_size} px, --amp {args.amp}, {total / 2 ** 30:.0f} GiB); a ResNet-50 at '
             f'224 px fits about {fits} per GPU here (an estimate: README.md, "Memory"): use more '

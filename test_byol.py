@@ -949,8 +949,9 @@ def test_running_out_of_gpu_memory_says_what_fits_in_one_line(image_folder, tmp_
                         lambda device: type('Properties', (), dict(total_memory=40 * 2 ** 30)))
     code, _, err = run_main(byol, ['--data', image_folder, *TINY, '--epochs', '1',
                                    '--output-dir', tmp_path], capsys)
-    # a 40 GiB GPU in float32: (40 - 4) GiB / (2 x 83.5 MiB) images of a ResNet-50
-    fits = int(36 * 2 ** 30 / (2 * 83.5 * 2 ** 20))
+    # a 40 GiB GPU in float32: 3/4 of (40 - 4) GiB over 164 MiB an image of a ResNet-50
+    fits = int(0.75 * 36 * 2 ** 30 / (164 * 2 ** 20))
+    assert fits == 168
     assert_one_line_error(code, err, 'ran out of memory at 16 images per GPU', '40 GiB',
                           f'fits about {fits} per GPU', 'more GPUs', 'smaller --batch-size')
 
