@@ -6,7 +6,7 @@ done in-process, and the dataset held in memory). Prints each round's rates, the
 and the median of the per-round ratios (bench/RESULTS.md).
 
     git worktree add /tmp/before COMMIT
-    python bench/before_after.py /tmp/before ../shared/data/cifar10 [--rounds 7]
+    python bench/before_after.py /tmp/before ../shared/data/cifar10 [--rounds 7] [--threads 1]
 
 Both checkouts must have augment.batches and augment.Pipeline (the code since the GPU-feeding
 work of 2026-11).
@@ -84,7 +84,10 @@ def main():
     p.add_argument('before', type=Path, help='the earlier checkout')
     p.add_argument('cifar', help='the CIFAR-10 image folder')
     p.add_argument('--rounds', type=int, default=7)
+    p.add_argument('--threads', type=int, default=None, help='torch threads (default: torch\'s)')
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     here = Path(__file__).resolve().parent.parent
     modules = {}
     for version, root in (('before', args.before), ('now', here)):
