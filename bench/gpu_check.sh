@@ -104,6 +104,21 @@ part 220 "the real loop: host synchronisations, memory, synchronised BN vs one p
   python3 bench/loop_check.py "$photos" "${loop[@]}" --log-every 20 \
     --json "$results/loop_check.json"
 
+# Two runs' final online weights, compared as one vector (a tensor's own relative difference
+# would blow up on the biases before a BN, which stay ~0): compare.py A B LIMIT LABEL
+compare=$(mktemp --suffix .py)
+cat > "$compare" <<'PY'
+import sys, torch
+a, b = (torch.load(f'{run}/checkpoint.pth', map_location='cpu') for run in sys.argv[1:3])
+assert a['step'] == b['step'], (a['step'], b['step'])
+x, y = (torch.cat([s['online'][k].float().flatten() for k in a['online']
+                  if a['online'][k].is_floating_point()]) for s in (a, b))
+difference = ((x - y).norm() / x.norm()).item()
+print(f'{sys.argv[4]}, {a["step"]} steps: relative difference of the online weights '
+      f'{difference:.2e}')
+assert difference < float(sys.argv[3]), difference
+PY
+
 if [ -d "$cifar/train" ]; then
   # 6. Two processes on the one GPU (gloo), stopped and resumed, against one process.
   run2=$(mktemp -d)
@@ -113,18 +128,8 @@ if [ -d "$cifar/train" ]; then
       byol.py --data '$cifar' ${two[*]} --output-dir '$run2/two' --stop-at-step $half &&
     BYOL_BACKEND=gloo python3 -m torch.distributed.run --standalone --nproc_per_node=2 \
       byol.py --data '$cifar' ${two[*]} --output-dir '$run2/two' &&
-    python3 - '$run2' <<'PY'
-import sys, torch
-one, two = (torch.load(f'{sys.argv[1]}/{r}/checkpoint.pth', map_location='cpu')
-            for r in ('one', 'two'))
-assert one['step'] == two['step'], (one['step'], two['step'])
-a, b = (torch.cat([s['online'][k].float().flatten() for k in one['online']
-                  if one['online'][k].is_floating_point()]) for s in (one, two))
-difference = ((a - b).norm() / a.norm()).item()  # (a tensor's own: the biases before a BN are ~0)
-print(f'2 processes (stopped at step $half, resumed) vs 1, {one[\"step\"]} steps: relative '
-      f'difference of the online weights {difference:.2e} (float reduction order: small, not 0)')
-assert difference < 0.01, difference
-PY"
+    python3 '$compare' '$run2/one' '$run2/two' 0.01 \
+      '2 processes (stopped at step $half, resumed) vs 1'"
 
   # 2. ResNet-18 at 32 px on CIFAR-10: the step; the loader vs the dataset held in memory.
   part 120 "ResNet-18, 32 px, batch $r18: the step and the pipeline" \
@@ -151,17 +156,8 @@ PY"
     python3 byol.py --data '$cifar' ${common[*]} --epochs 2 --output-dir '$run/part' \
       --stop-at-step $stop &&
     python3 byol.py --data '$cifar' ${common[*]} --epochs 2 --output-dir '$run/part' &&
-    python3 - '$run' <<'PY'
-import sys, torch
-full, part = (torch.load(f'{sys.argv[1]}/{r}/checkpoint.pth', map_location='cpu')
-              for r in ('full', 'part'))
-assert full['step'] == part['step'], (full['step'], part['step'])
-a, b = (torch.cat([s['online'][k].float().flatten() for k in full['online']
-                  if full['online'][k].is_floating_point()]) for s in (full, part))
-print(f'resumed vs uninterrupted, {full[\"step\"]} steps: relative difference of the online '
-      f'weights {((a - b).norm() / a.norm()).item():.2e} (0 on a CPU; on a GPU cuDNN kernels '
-      f'are not deterministic: small, not 0)')
-PY"
+    python3 '$compare' '$run/full' '$run/part' 1 \
+      'resumed vs uninterrupted (0 on a CPU; cuDNN is not deterministic)'"
 else
   echo "no CIFAR-10 folder at $cifar: parts 2-4 skipped (see the header)" | tee -a "$log"
 fi
