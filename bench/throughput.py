@@ -86,16 +86,15 @@ def make_step(args, device, batched_augment=True, amp=None, channels_last=None, 
                           dtype=torch.uint8, device=device)
     u = augment.uniforms(0, 0, torch.arange(args.batch_size))  # on the host, as the loader's
 
-    def step():
-        v1, v2 = augment.two_views(crops, u) if batched_augment else per_image_views(crops, u)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == 'fp16')
+
+    def step():  # byol.py's own step: forward, backward, LARS, the target's moving average
+        if batched_augment:
+            v1, v2 = augment.two_views(crops, u)
+        else:
+            v1, v2 = per_image_views(crops, u)
         v1, v2 = (v.to(device).contiguous(memory_format=memory_format) for v in (v1, v2))
-        with byol.autocast(device, amp):
-            loss, _ = forward(v1, v2)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        model.update_target(0.996)
-        return loss
+        return byol.train_step(forward, model, optimizer, scaler, v1, v2, None, 0.1, 0.996, amp)
     return step, (v1_v2_flops(model, crops, u, device, amp, memory_format)
                   if device.type == 'cuda' else None)
 
