@@ -589,6 +589,17 @@ def test_bf16_is_the_default_only_where_it_is_native(monkeypatch):
                             ((9, 0), 'bf16')):
         monkeypatch.setattr(torch.cuda, 'get_device_capability', lambda *a: capability)
         assert byol.default_amp() == amp, capability
+    # CPUs: bf16 with AMX, and with AVX-512 BF16 on AMD's (measured faster there), else float32
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
+    for amx, avx512_bf16, vendor, amp in ((True, True, 'GenuineIntel', 'bf16'),
+                                          (False, True, 'AuthenticAMD', 'bf16'),
+                                          (False, True, 'GenuineIntel', 'none'),
+                                          (False, False, 'AuthenticAMD', 'none')):
+        monkeypatch.setattr(torch.cpu, '_is_amx_tile_supported', lambda: amx)
+        monkeypatch.setattr(torch.cpu, '_is_avx512_bf16_supported', lambda: avx512_bf16)
+        monkeypatch.setattr(byol, 'cpu_vendor', lambda: vendor)
+        assert byol.default_amp() == amp, (amx, avx512_bf16, vendor)
+    assert byol.cpu_vendor() in ('GenuineIntel', 'AuthenticAMD', '')  # this machine's
 
 
 def from_rank0_worker(rank, folder):
