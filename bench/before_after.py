@@ -1,9 +1,10 @@
 """bench/before_after.py: an earlier checkout and this one side by side in one process, alternating
 round by round, so that a machine whose speed drifts compares them fairly: the training step
 (the quick start's convnet w=16 at batch 128, and ResNet-18 at batch 32; 32 px, float32,
-augmentation included) and the pipeline on the CIFAR-10 folder (batch 128: the loader's work
-done in-process, and the dataset held in memory). Prints each round's rates, then the medians
-and the median of the per-round ratios (bench/RESULTS.md).
+augmentation included), LARS's step with the target's moving average alone, and the pipeline
+on the CIFAR-10 folder (batch 128: the loader's work done in-process, and the dataset held in
+memory). Prints each round's rates, then the medians and the median of the per-round ratios
+(bench/RESULTS.md).
 
     git worktree add /tmp/before COMMIT
     python bench/before_after.py /tmp/before ../shared/data/cifar10 [--rounds 7] [--threads 1]
@@ -61,6 +62,21 @@ def step_fn(B, A, arch, batch, width=None, hidden=4096, projection=256):
     return step
 
 
+def optimizer_fn(B, arch, width=None):
+    """LARS's step and the target's moving average alone, on fixed random gradients."""
+    torch.manual_seed(0)
+    encoder, dim = B.build_encoder(arch, True, width)
+    model = B.BYOL(encoder, dim, 512, 128)
+    for p in model.online.parameters():
+        p.grad = torch.randn_like(p)
+    optimizer = B.LARS(B.lars_param_groups(model, 1.5e-6), lr=0.1)
+
+    def step():
+        optimizer.step()
+        model.update_target(0.99)
+    return step
+
+
 def rate_steps(step, batch, n=3):
     step()
     start = time.perf_counter()
@@ -103,6 +119,10 @@ def main():
             'step convnet': lambda r, s=step_fn(B, A, 'convnet', 128, 16, 512, 128): rate_steps(
                 s, 128),
             'step resnet18': lambda r, s=step_fn(B, A, 'resnet18', 32): rate_steps(s, 32),
+            'LARS + EMA convnet (steps/s)': lambda r, s=optimizer_fn(B, 'convnet', 16): rate_steps(
+                s, 1, 20),
+            'LARS + EMA resnet18 (steps/s)': lambda r, s=optimizer_fn(B, 'resnet18'): rate_steps(
+                s, 1, 5),
             'loader': lambda r, b=loader: rate_loader(b, 128, 10, r),
             'memory': lambda r, b=memory: rate_loader(b, 128, 10, r),
         }
