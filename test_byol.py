@@ -602,6 +602,18 @@ def test_bf16_is_the_default_only_where_it_is_native(monkeypatch):
     assert byol.cpu_vendor() in ('GenuineIntel', 'AuthenticAMD', '')  # this machine's
 
 
+def test_amp_none_is_float32_without_tf32_and_autocast_may_use_it(monkeypatch):
+    for flag in ('benchmark', 'allow_tf32'):  # (restored after the test)
+        monkeypatch.setattr(torch.backends.cudnn, flag, getattr(torch.backends.cudnn, flag))
+    monkeypatch.setattr(torch.backends.cuda.matmul, 'allow_tf32',
+                        torch.backends.cuda.matmul.allow_tf32)
+    for amp, tf32 in (('bf16', True), ('none', False), ('fp16', True), ('none', False)):
+        byol.configure_device(torch.device('cuda'), amp)
+        assert torch.backends.cuda.matmul.allow_tf32 is tf32, amp
+        assert torch.backends.cudnn.allow_tf32 is tf32, amp
+        assert torch.backends.cudnn.benchmark
+
+
 def from_rank0_worker(rank, folder):
     """One of two gloo processes: rank 0's folder holds the checkpoint, rank 1's is empty (as
     node-local output folders); or rank 0's file is corrupt."""
