@@ -142,9 +142,7 @@ def crop_boxes(u, heights, widths, view=T):
     w = round(sqrt(A r)), h = round(sqrt(A / r)), clamped to the image, uniform offset.
     Computed in float64, so the loader (one image at a time) and the device (whole batch) agree."""
     u = u.double()
-    height, width = (torch.full((), s, dtype=torch.float64, device=u.device) if isinstance(s, int)
-                     else torch.as_tensor(s, dtype=torch.float64, device=u.device)
-                     for s in (heights, widths))  # (a size shared by all: no host copy)
+    height, width = (_sizes(s, u.device) for s in (heights, widths))
     area = _between(u[:, SLOT['crop_area']], view['crop_area']) * height * width
     ratio = torch.exp(_between(u[:, SLOT['crop_ratio']],
                                [math.log(r) for r in view['crop_ratio']]))
@@ -153,6 +151,14 @@ def crop_boxes(u, heights, widths, view=T):
     top = torch.minimum(height - h, (u[:, SLOT['crop_y']] * (height - h + 1)).floor())
     left = torch.minimum(width - w, (u[:, SLOT['crop_x']] * (width - w + 1)).floor())
     return torch.stack([top, left, h, w], dim=1).long()
+
+
+def _sizes(s, device):
+    """Image sizes as float64 on the device: an int shared by all (a fill: no host copy), or
+    one per image."""
+    if isinstance(s, int):
+        return torch.full((), s, dtype=torch.float64, device=device)
+    return torch.as_tensor(s, dtype=torch.float64, device=device)
 
 
 def crop_box(u, height, width, view=T):
@@ -449,6 +455,7 @@ def two_views(crops, u):
 # ------------------------------------------------------------------------------------------------
 # A source has len(), labels (one int per image; -1: none), classes, name(i), read(indices) (a
 # list of file bytes, or of decoded images, or one (B, 3, H, W) uint8 tensor), load(i) (one image
+# decoded, uint8 (3, H, W)) and shared_size ((H, W) if every image has that size, else None).
 NAMED_DATASETS = ('cifar10', 'cifar100', 'stl10', 'fashionmnist')
 MAX_IN_MEMORY = 200_000  # images held on the device: CIFAR, STL-10 (105k at 96 px: 2.9 GB)
 
@@ -607,8 +614,10 @@ def named_images(name, root, train, download):
                    'fashionmnist': datasets.FashionMNIST}[name]
             ds = cls(root, train=train, download=download)
             data, labels = torch.as_tensor(ds.data), ds.targets
-            data = data[:, None].expand(-1, 3, -1, -1) if data.dim() == 3 else \
-                data.permute(0, 3, 1, 2)
+            if data.dim() == 3:  # grayscale (Fashion-MNIST), tiled to three channels
+                data = data[:, None].expand(-1, 3, -1, -1)
+            else:
+                data = data.permute(0, 3, 1, 2)
     except RuntimeError as e:
         raise UserError(f'{name} not found under --data-root {root} ({str(e).strip()}); pass '
                         '--download to fetch it, or point --data-root at its folder') from None
@@ -765,8 +774,9 @@ def resized_crops(images, boxes, size, dtype=torch.uint8):
 #   read    the images' file bytes, or the images themselves when they are held in memory
 #   decode  file bytes -> uint8 images (3, H, W); a batch neighbour stands in for an unreadable one
 #           (sent by the loader as Photos, one tensor, when the device crops)
-#   crop    -> uint8 crops (b, V, 3, S, S): random resized crops (the geometric half of T and T'),
-#           or centre crops for evaluation; uint8, so that 4x fewer bytes travel to the device
+#   crop    -> crops (b, V, 3, S, S): random resized crops (the geometric half of T and T'),
+#           rounded to uint8 so that 4x fewer bytes travel to the device, or centre crops for
+#           evaluation, kept in float32 as the official code's
 #   views   -> normalised float views (V, b, 3, S, S): T and T' (mode 'byol'), a random flip
 #           (mode 'train': linear evaluation and fine-tuning) or nothing (mode 'eval')
 # The stages before `on_device` run in the data loader (its worker processes, if any); the rest
@@ -897,7 +907,7 @@ class Pipeline(torch.utils.data.Dataset):
         if self.mode == 'eval':
             boxes = center_crop_boxes(heights, widths, len(u), self.center_fraction)[:, None]
         else:
-            boxes = torch.stack([crop_boxes(u[:, v], heights, widths)
+            boxes = torch.stack([crop_boxes(u[:, v], heights, widths, (T, T_PRIME)[v])
                                  for v in range(u.shape[1])], dim=1)            # (b, V, 4)
         # Evaluation crops stay in float, as the official code's; training crops are rounded
         # to uint8 (resized_crops), 4x fewer bytes to send

@@ -67,52 +67,12 @@ RUN_SETTINGS = ('arch', 'width', 'small_images', 'image_size', 'hidden_dim', 'pr
 # ================================================================================================
 
 # ------------------------------------------------------------------------------------------------
-# BatchNorm as the official code keeps it (every BN of f, g and q)
-# ------------------------------------------------------------------------------------------------
-
-
-class BatchNorm(nn.modules.batchnorm._BatchNorm):
-    """BatchNorm as the official code's (Haiku's BatchNorm, decay 0.9, eps 1e-5; SPEC.md
-    section 1). In training it normalises with the batch's statistics (the global batch's once
-    synchronized: synchronize_batchnorm, every multi-process run of byol.py) and keeps as
-    running statistics Haiku's zero-debiased moving averages of the batch mean and of the
-    biased batch variance (update_statistics); eval mode normalises with those. Parameters and
-    buffers are torch's BatchNorm's, so state dicts load into torchvision's models as they are."""
-    synchronized = False
-
-    def _check_input_dim(self, x):
-        if x.dim() < 2:
-            raise ValueError(f'expected at least 2-D input, got {x.dim()}-D')
-
-    def forward(self, x):
-        if not self.training:
-            return super().forward(x)
-        if self.synchronized:
-            y, mean, var = GlobalBatchNorm.apply(x, self.weight, self.bias, self.eps)
-        else:  # torch's own kernel, which also returns the mean and 1 / sqrt(var + eps)
-            y, mean, invstd = torch.native_batch_norm(x, self.weight, self.bias, None, None,
-                                                      True, 0.0, self.eps)
-            var = invstd.pow(-2) - self.eps
-        self.update_statistics(mean, var)
-        return y
-
-    @torch.no_grad()
-    def update_statistics(self, mean, var):
-        """Haiku's ExponentialMovingAverage with zero debiasing, decay d = 1 - momentum: at the
-        k-th update hidden <- d hidden + (1 - d) v and average = hidden / (1 - d^k), which is
-        average <- average + w_k (v - average) with w_k = (1 - d) / (1 - d^k): the first batch's
-        statistics at k = 1, then an average that settles to weight 1 - d. (torch's BN starts
-        its running variance at 1, averages the unbiased variance, and does not debias.)"""
-        self.num_batches_tracked += 1
-        decay = 1 - self.momentum
-        weight = (1 - decay) / (1 - decay ** self.num_batches_tracked.double())
-        weight = weight.to(self.running_mean.dtype)
-        self.running_mean.lerp_(mean.to(weight.dtype), weight)
-        self.running_var.lerp_(var.to(weight.dtype), weight)
-
-# ------------------------------------------------------------------------------------------------
 # Encoder f (paper section 3.3: ResNet-50; wider and deeper ResNets, Table 1b)
 # ------------------------------------------------------------------------------------------------
+
+
+# Every BN of f, g and q is BatchNorm (below, with the processes): the official code's, whose
+# running statistics are Haiku's, and whose batch statistics are the global batch's under torchrun.
 
 
 def convnet(width=32):
@@ -406,7 +366,7 @@ def train_step(model, byol, optimizer, scaler, v1, v2, labels, lr, tau, amp):
 # ================================================================================================
 
 # ------------------------------------------------------------------------------------------------
-# Processes (torchrun sets RANK / WORLD_SIZE / LOCAL_RANK) and BN over the global batch
+# Processes (torchrun sets RANK / WORLD_SIZE / LOCAL_RANK); BN as the official code's, global
 # ------------------------------------------------------------------------------------------------
 
 
@@ -459,31 +419,77 @@ def all_reduce_sum(t):
 
 
 def from_rank0(compute):
-    """compute() run by rank 0 alone, its result (or the UserError it raised) sent to every
-    process, which raises it too."""
-    result = [None]
+    """compute() run by rank 0 alone, its result sent to every process. If it fails, every
+    process fails with it (the others would otherwise wait for rank 0 for ever): a UserError
+    as it is, anything else as a RuntimeError naming it."""
+    result = [None, None]  # the result, the error
     if is_main():
         try:
             result[0] = compute()
-        except UserError as e:
-            result[0] = e
+        except Exception as e:
+            result[1] = e
     if world_size() > 1:
         dist.broadcast_object_list(result, src=0)
-    if isinstance(result[0], UserError):
-        raise result[0]
+    error = result[1]
+    if isinstance(error, UserError) or (error is not None and is_main()):
+        raise error
+    if error is not None:
+        raise RuntimeError(f'rank 0 failed: {type(error).__name__}: {error}')
     return result[0]
 
 
-def distributed_data_parallel(module, device):
-    """The module under DDP (gradients averaged over the processes), without its broadcast of
-    buffers at every step: the BN statistics are the global batch's, the same on every process
-    already, and the broadcast would add a collective to every step. (torch 2.14 renamed the
-    option; both keep the buffers' broadcast at the start.)"""
+def distributed_data_parallel(module, device, sync_buffers=False):
+    """The module under DDP (gradients averaged over the processes). sync_buffers=False: no
+    broadcast of the buffers at every step, for BNs whose statistics are the global batch's,
+    the same on every process already (the broadcast would add a collective to every step);
+    True: rank 0's buffers at every step (BNs of each process's own batch). The buffers are the
+    same everywhere from the start: every process builds the networks from one seed, or loads
+    rank 0's checkpoint. (Newer torch deprecates broadcast_buffers for forward_sync_buffers.)"""
     device_ids = [device] if device.type == 'cuda' else None
-    options = dict(broadcast_buffers=False)
+    options = dict(broadcast_buffers=sync_buffers)
     if 'forward_sync_buffers' in inspect.signature(DistributedDataParallel).parameters:
-        options = dict(forward_sync_buffers=False)
+        options = dict(forward_sync_buffers=sync_buffers)
     return DistributedDataParallel(module, device_ids=device_ids, **options)
+
+
+class BatchNorm(nn.modules.batchnorm._BatchNorm):
+    """BatchNorm as the official code's (Haiku's BatchNorm, decay 0.9, eps 1e-5; SPEC.md
+    section 1). In training it normalises with the batch's statistics (the global batch's once
+    synchronized: synchronize_batchnorm, every multi-process run of byol.py) and keeps as
+    running statistics Haiku's zero-debiased moving averages of the batch mean and of the
+    biased batch variance (update_statistics); eval mode normalises with those. Parameters and
+    buffers are torch's BatchNorm's, so state dicts load into torchvision's models as they are."""
+    synchronized = False
+
+    def _check_input_dim(self, x):
+        if x.dim() < 2:
+            raise ValueError(f'expected at least 2-D input, got {x.dim()}-D')
+
+    def forward(self, x):
+        if not self.training:
+            return super().forward(x)
+        if self.synchronized:
+            y, mean, var = GlobalBatchNorm.apply(x, self.weight, self.bias, self.eps)
+        else:  # torch's own kernel, which also returns the mean and 1 / sqrt(var + eps)
+            y, mean, invstd = torch.native_batch_norm(x, self.weight, self.bias, None, None,
+                                                      True, 0.0, self.eps)
+            var = (invstd.pow(-2) - self.eps).clamp_min(0)
+        self.update_statistics(mean, var)
+        return y
+
+    @torch.no_grad()
+    def update_statistics(self, mean, var):
+        """Haiku's ExponentialMovingAverage with zero debiasing, decay d = 1 - momentum: at the
+        k-th update hidden <- d hidden + (1 - d) v and average = hidden / (1 - d^k), which is
+        average <- average + w_k (v - average) with w_k = (1 - d) / (1 - d^k): the first batch's
+        statistics at k = 1, then an average that settles to weight 1 - d. (torch's BN starts
+        its running variance at 1, averages the unbiased variance, and does not debias.)"""
+        self.num_batches_tracked += 1
+        decay = 1 - self.momentum
+        weight = (1 - decay) / (1 - decay ** self.num_batches_tracked.double())
+        weight = weight.to(self.running_mean.dtype)
+        self.running_mean.lerp_(mean.to(weight.dtype), weight)
+        self.running_var.lerp_(var.to(weight.dtype), weight)
 
 
 def synchronize_batchnorm(module):
@@ -553,35 +559,46 @@ class GlobalBatchNorm(torch.autograd.Function):
                                                  sum_dy.to(mean.dtype), sum_dy_xmu.to(mean.dtype),
                                                  count)
         else:
-            shape, dims = (1, -1) + (1,) * (dy.dim() - 2), [0, *range(2, dy.dim())]
-            x_mu, dy = x.to(mean.dtype) - mean.view(shape), dy.to(mean.dtype)
-            sum_dy, sum_dy_xmu = dy.sum(dims), (dy * x_mu).sum(dims)
+            shape = (1, -1) + (1,) * (dy.dim() - 2)  # per channel, broadcast over the rest
+            dims = [0, *range(2, dy.dim())]
+            x_mu = x.to(mean.dtype) - mean.view(shape)
+            dy = dy.to(mean.dtype)
+            sum_dy = dy.sum(dims)
+            sum_dy_xmu = (dy * x_mu).sum(dims)
             d_weight, d_bias = sum_dy_xmu * invstd, sum_dy
             sums = all_reduce_sum(torch.stack([sum_dy, sum_dy_xmu]).double())
             mean_dy, mean_dy_xmu = (sums / count).to(mean.dtype)
-            dx = (dy - mean_dy.view(shape) - x_mu * (invstd ** 2 * mean_dy_xmu).view(shape)) * \
-                (weight.to(mean.dtype) * invstd).view(shape)
+            scale = (weight.to(mean.dtype) * invstd).view(shape)
+            dx = (dy - mean_dy.view(shape) - x_mu * (invstd ** 2 * mean_dy_xmu).view(shape)) * scale
         return dx.to(x.dtype), d_weight.to(weight.dtype), d_bias.to(weight.dtype), None
 
 
 def check_global_batch_norm(device, eps=1e-5):
     """The global BN checked at first use on a GPU, where no test can run it: every process
-    draws the same small batch, so that the global statistics are the local ones, and the
-    output and gradients must equal F.batch_norm's; if they do not, stop with one line."""
+    draws the same small batches, so that the global statistics are the local ones, and the
+    output and gradients must equal F.batch_norm's, in each form training gives it (the
+    kernels differ): float32 and bf16 maps (channels last, as the encoders run on GPUs) and bf16
+    vectors (the BNs of g and q). If they do not, stop with one line."""
     g = torch.Generator(device).manual_seed(0)
-    x = torch.randn(16, 8, 5, 5, device=device, generator=g).requires_grad_()
-    weight = (1 + torch.rand(8, device=device, generator=g)).requires_grad_()
-    bias = torch.randn(8, device=device, generator=g).requires_grad_()
-    dy = torch.randn(16, 8, 5, 5, device=device, generator=g)
-    y, _, _ = GlobalBatchNorm.apply(x, weight, bias, eps)
-    ours = [y, *torch.autograd.grad(y, (x, weight, bias), dy)]
-    y = F.batch_norm(x, None, None, weight, bias, True, 0.0, eps)
-    reference = [y, *torch.autograd.grad(y, (x, weight, bias), dy)]
-    worst = max(((a - b).norm() / b.norm()).item() for a, b in zip(ours, reference))
-    if not worst < 1e-4:
-        raise UserError(f'the synchronised BN differs from torch\'s batch_norm on {device} '
-                        f'(relative error {worst:.1e}); please report this with your torch '
-                        'version')
+    cases = ((torch.float32, (16, 8, 5, 5), torch.contiguous_format, 1e-4),
+             (torch.bfloat16, (16, 8, 5, 5), torch.channels_last, 2e-2),
+             (torch.bfloat16, (64, 8), torch.contiguous_format, 2e-2))
+    for dtype, shape, memory_format, tolerance in cases:
+        x = torch.randn(shape, device=device, generator=g).to(dtype)
+        x = x.contiguous(memory_format=memory_format).requires_grad_()
+        weight = (1 + torch.rand(8, device=device, generator=g)).requires_grad_()
+        bias = torch.randn(8, device=device, generator=g).requires_grad_()
+        dy = torch.randn(shape, device=device, generator=g).to(dtype)
+        y, _, _ = GlobalBatchNorm.apply(x, weight, bias, eps)
+        ours = [y, *torch.autograd.grad(y, (x, weight, bias), dy)]
+        y = F.batch_norm(x, None, None, weight, bias, True, 0.0, eps)
+        reference = [y, *torch.autograd.grad(y, (x, weight, bias), dy)]
+        worst = max(((a.float() - b.float()).norm() / b.float().norm()).item()
+                    for a, b in zip(ours, reference))
+        if not worst < tolerance:
+            raise UserError(f'the synchronised BN differs from torch\'s batch_norm on {device} '
+                            f'for {dtype} {tuple(shape)} (relative error {worst:.1e}); please '
+                            'report this with your torch version')
 
 # ------------------------------------------------------------------------------------------------
 # Precision and the device
@@ -1043,9 +1060,14 @@ def add_data_arguments(p, required=True):
                    '(DATA/train/<class>/<image>, DATA/val/<class>/<image>; for pretraining also '
                    'DATA/<class>/<image>), or one of ' + ', '.join(augment.NAMED_DATASETS)
                    + ' (torchvision\'s datasets)')
-    p.add_argument('--data-root', default='data', help='where the named datasets live (default: '
-                   './data)')
-    p.add_argument('--download', action='store_true', help='download a named dataset if it is '
+    add_data_root_arguments(p)
+
+
+def add_data_root_arguments(p):
+    """--data-root, --download: where torchvision's datasets live, and leave to fetch them."""
+    p.add_argument('--data-root', default='data', help='where torchvision\'s datasets live '
+                   '(default: ./data)')
+    p.add_argument('--download', action='store_true', help='download a dataset if it is '
                    'missing (nothing is downloaded without it)')
 
 
@@ -1053,9 +1075,10 @@ def add_amp_argument(p):
     """--amp: the same in every script."""
     p.add_argument('--amp', choices=AMP_CHOICES, help='autocast precision: bf16, fp16 (with a '
                    'loss scaler) or none (float32 throughout, no TF32). Default: bf16 where it '
-                   'is native (GPUs from Ampere on, CPUs with AMX; measured faster there: '
-                   'bench/RESULTS.md), else none. Under bf16 / fp16 the products autocast leaves '
-                   'in float32 may use TF32 on GPUs. byol.py: a resumed run keeps its own')
+                   'is measured faster (GPUs from Ampere on, CPUs with AMX, AMD CPUs with '
+                   'AVX-512 BF16: bench/RESULTS.md), else none. Under bf16 / fp16 the products '
+                   'autocast leaves in float32 may use TF32 on GPUs. byol.py: a resumed run keeps '
+                   'its own')
 
 
 def add_workers_argument(p):

@@ -44,7 +44,6 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel
 
 import augment
 import byol
@@ -117,7 +116,9 @@ def run(args):
                 with torch.no_grad(), byol.autocast(device, amp):
                     y = encoder(x).float()
                 yield y, labels  # (not inside no_grad: the heads need gradients)
-        model = DistributedDataParallel(heads) if world > 1 else heads
+        model = heads
+        if world > 1:
+            model = byol.distributed_data_parallel(heads, device)
         fit(model, optimizer, batches, args.epochs, len(loader), device, name='linear')
     held_out_x, held_out_y = frozen_features(augment.Subset(train_images, holdout_idx))
     val_x, val_y = frozen_features(val_images)
@@ -399,9 +400,11 @@ def select(logits, labels, lrs):
 def feature_batches(features, labels, batch_size, seed=None):
     """Batches of cached features: shuffled per epoch when seeded, else in order."""
     def batches(epoch=0):
-        order = torch.arange(len(features), device=features.device) if seed is None else \
-            torch.randperm(len(features), generator=torch.Generator().manual_seed(
-                seed * 1000 + epoch)).to(features.device)
+        if seed is None:
+            order = torch.arange(len(features), device=features.device)
+        else:
+            generator = torch.Generator().manual_seed(seed * 1000 + epoch)
+            order = torch.randperm(len(features), generator=generator).to(features.device)
         return zip(features[order].split(batch_size), labels[order].split(batch_size))
     return batches
 
@@ -437,8 +440,8 @@ def add_encoder_arguments(p):
       'resnet50; resnet18/34 are torchvision\'s, not the paper\'s: byol.py --help); with '
       '--pretrained it is read from the checkpoint')
     a('--width', type=byol.positive_int, help='as byol.py, when --pretrained is omitted')
-    a('--small-images', action='store_true', default=None, help='as byol.py, when --pretrained '
-      'is omitted (default: on when the image size is <= 64)')
+    a('--small-images', action=argparse.BooleanOptionalAction, help='as byol.py, when '
+      '--pretrained is omitted (default: on when the image size is <= 64)')
     a('--image-size', type=byol.positive_int, help='input size (default: the size the encoder '
       'was trained at, from checkpoint.pth or the encoder.json beside encoder.pth; for a random '
       'init or a file without it, byol.py\'s default for the data)')
@@ -458,21 +461,21 @@ def get_parser():
       'always in float32, as the official evaluation (--amp does not apply)')
     a('--export-encoder', metavar='DIR', help='save --pretrained\'s encoder as DIR/encoder.pth '
       'and encoder.json (e.g. a released .pkl, for the other scripts and torchvision), and stop')
-    a('--batch-size', type=byol.positive_int, default=1024, help='global batch (paper: 1024)')
-    a('--epochs', type=byol.positive_int, default=80, help='paper: 80')
-    a('--lr', type=byol.nonnegative_float, nargs='+', default=LR_GRID,
-      help='lr grid, selected on the held-out '
-      'split (paper: 0.4 0.3 0.2 0.1 0.05)')
-    a('--holdout', type=byol.nonnegative_int, default=None,
-      help='held-out training images for the lr choice '
-      f'(default: {IMAGENET_HOLDOUT} for 1M+ images as the paper, else 10%%)')
-    a('--train-images', type=byol.nonnegative_int, default=0,
-      help='train on this many training images (a seeded '
-      'random subset; 0: all)')
+    a('--batch-size', type=byol.positive_int, default=1024, help='global batch (default: the '
+      'paper\'s 1024)')
+    a('--epochs', type=byol.positive_int, default=80, help='default: the paper\'s 80')
+    a('--lr', type=byol.nonnegative_float, nargs='+', default=LR_GRID, help='the lr grid, chosen '
+      'on the held-out split (default: the paper\'s 0.4 0.3 0.2 0.1 0.05)')
+    a('--holdout', type=byol.nonnegative_int, default=None, help='held-out training images for '
+      f'the lr choice (default: {IMAGENET_HOLDOUT} for 1M+ images, as the paper; else 10%%)')
+    a('--train-images', type=byol.nonnegative_int, default=0, help='train on this many training '
+      'images (a seeded random subset; default 0: all)')
     a('--cached', action=argparse.BooleanOptionalAction, default=None,
       help='train on cached centre-crop features (default: on below 200k training images)')
-    a('--seed', type=int, default=0, help='seeds the held-out split, the order and the heads')
-    a('--output-dir', default='runs/linear_eval', help='results.jsonl is appended here')
+    a('--seed', type=int, default=0, help='seeds the held-out split, the order and the heads '
+      '(default: 0)')
+    a('--output-dir', default='runs/linear_eval', help='results.jsonl is appended here '
+      '(default: runs/linear_eval)')
     return p
 
 
@@ -646,8 +649,9 @@ def plain(obj):
         state = obj.state
         if isinstance(state, tuple) and len(state) == 2 and state[0] is None:
             state = state[1]                                  # (None, slots)
-        mappings = [v for v in state.values() if isinstance(v, dict)] \
-            if isinstance(state, dict) else []
+        mappings = []
+        if isinstance(state, dict):
+            mappings = [v for v in state.values() if isinstance(v, dict)]
         if obj.items:
             return plain(obj.items)
         if len(obj.args) == 1 and isinstance(obj.args[0], dict):
@@ -771,6 +775,19 @@ def released_module(params, scope, name):
     return key
 
 
+def ema_updates(state, module):
+    """How many updates a Haiku moving average has had (its 'counter'), for BatchNorm's
+    num_batches_tracked: fine-tuning then continues the released running statistics as the
+    official code would (byol.BatchNorm debiases by it), where a count of 0 would replace them
+    with the first batch's. A file without a counter: a count large enough not to debias."""
+    entry = state.get(module) if isinstance(state, dict) else None
+    counter = entry.get('counter') if isinstance(entry, dict) else None
+    try:
+        return int(np.asarray(counter).reshape(()))
+    except (TypeError, ValueError):
+        return 10 ** 9
+
+
 def released_state_dict(params, state, scope, encoder):
     """Haiku's online parameters and BN averages as the torchvision ResNet's state dict: HWIO ->
     OIHW convolutions, (1, 1, 1, C) -> (C,) scales, offsets and statistics; every entry checked
@@ -791,7 +808,7 @@ def released_state_dict(params, state, scope, encoder):
                 ('running_var', state, f'{path}/~/var_ema', 'average')):
             out[f'{key}.{suffix}'] = torch.from_numpy(
                 released_array(tree, module, entry, c).reshape(-1))
-        out[f'{key}.num_batches_tracked'] = torch.tensor(0)
+        out[f'{key}.num_batches_tracked'] = torch.tensor(ema_updates(state, f'{path}/~/mean_ema'))
 
     conv('initial_conv', 'conv1')
     bn('initial_batchnorm', 'bn1')

@@ -49,7 +49,6 @@ import time
 from pathlib import Path
 
 import torch
-from torch.nn.parallel import DistributedDataParallel
 
 import augment
 import byol
@@ -87,8 +86,9 @@ def get_parser():
     a('--val-images', type=byol.nonnegative_int, default=0, help='report on this many '
       'validation images (a seeded random subset, for quick runs; 0: all)')
     a('--seed', type=int, default=0, help='seeds the subset, the held-out split, the order, the '
-      'augmentations and the new classifier')
-    a('--output-dir', default='runs/semi_sup', help='results.jsonl is appended here')
+      'augmentations and the new classifier (default: 0)')
+    a('--output-dir', default='runs/semi_sup', help='results.jsonl is appended here (default: '
+      'runs/semi_sup)')
     return p
 
 # ------------------------------------------------------------------------------------------------
@@ -131,9 +131,11 @@ def read_subset_file(path, images):
         else:
             missing.append(name)
     if missing:
+        more = ''
+        if len(missing) > 1:
+            more = f' ({len(missing) - 1} more listed files are missing too)'
         raise UserError(f'{path} lists {missing[0]}, which is not among the training images of '
-                        f'the --data folder' + (f' ({len(missing) - 1} more listed files are '
-                                                'missing too)' if len(missing) > 1 else ''))
+                        f'the --data folder{more}')
     seen = set()
     for i in indices:  # (a name may repeat, or one image appear as file and as <class>/<file>)
         if i in seen:
@@ -258,8 +260,12 @@ def run(args):
     labelled, subset_file = labelled_subset(args, train_images)
     grid = [(lr, epochs) for epochs in args.epochs for lr in args.lr]
     outside = len(train_images) - len(labelled)
-    holdout = args.holdout if args.holdout is not None else 0 if len(grid) == 1 else \
-        min(outside, linear_eval.default_holdout(len(train_images)))
+    if args.holdout is not None:
+        holdout = args.holdout
+    elif len(grid) == 1:
+        holdout = 0  # a single setting: nothing to choose
+    else:
+        holdout = min(outside, linear_eval.default_holdout(len(train_images)))
     if len(grid) > 1 and not outside:
         raise UserError(f'--subset {args.subset} labels every training image, which leaves none '
                         f'to choose among the {len(grid)} settings on; use a smaller --subset, '
@@ -295,8 +301,9 @@ def run(args):
     net = linear_eval.Classifier(encoder, feature_dim, len(train_images.classes)).to(device)
     initial = copy.deepcopy(net.state_dict())
     # BN in training mode, per-process statistics (unsynced, as the official code).
-    model = DistributedDataParallel(net, device_ids=[device] if device.type == 'cuda' else
-                                    None) if world > 1 else net
+    model = net
+    if world > 1:
+        model = byol.distributed_data_parallel(net, device, sync_buffers=True)
     log(f'{len(labelled)} labelled images from {subset_file}, {len(holdout_set)} other training '
         f'images to choose the setting, {len(val_images)} validation images; '
         f'{len(train_images.classes)} classes; batch {batch}, {world} process(es); grid of '
@@ -327,8 +334,10 @@ def run(args):
         linear_eval.fit(lambda x: model(x)[None], optimizer, batches, epochs, len(loader),
                         device, amp, name=f'lr {lr} x {epochs} ep')
         # (N, C) logits, BN in eval mode (running statistics), gathered over processes
-        holdout_top1.append(linear_eval.topk_accuracy(*eval_logits(holdout_set), ks=(1,))[0]
-                            if len(holdout_set) else None)  # None: a single setting, no choice
+        top1 = None  # (a single setting: no choice)
+        if len(holdout_set):
+            top1 = linear_eval.topk_accuracy(*eval_logits(holdout_set), ks=(1,))[0]
+        holdout_top1.append(top1)
         if best is None or holdout_top1[i] > holdout_top1[best]:
             best = i
             best_state = {k: v.detach().to('cpu', copy=True) for k, v in net.state_dict().items()}

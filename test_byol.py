@@ -2010,6 +2010,9 @@ def test_files_written_by_dill_read_as_their_standard_pickle_copy(version, dill_
     theirs, _, their_settings = linear_eval.load_encoder(released[0])
     assert dim == 2048 and settings == their_settings
     assert all(torch.equal(v, theirs.state_dict()[k]) for k, v in ours.state_dict().items())
+    # the running statistics' update count is Haiku's: fine-tuning continues them (a count of 0
+    # would make the first batch's statistics replace them)
+    assert ours.bn1.num_batches_tracked.item() == 312_784
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         features = ours.eval()(x)

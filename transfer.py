@@ -112,31 +112,28 @@ def get_parser():
       '--data-root is an image folder with train/ and val/ or test/ (top-1 unless --metric)')
     a('--all', action='store_true', help='every dataset present under --data-root, in the '
       'paper\'s order; absent ones are skipped')
-    a('--data-root', default='data', help='where the datasets live (default: ./data)')
-    a('--download', action='store_true', help='let torchvision download a missing dataset')
-    a('--protocol', choices=('linear', 'finetune'), default='linear', help='paper: both')
+    byol.add_data_root_arguments(p)
+    a('--protocol', choices=('linear', 'finetune'), default='linear', help='linear (the '
+      'default) or finetune; the paper reports both')
     a('--metric', choices=tuple(METRIC_NAMES), default=None, help='override the dataset\'s '
       'metric (for --dataset folder)')
     linear_eval.add_encoder_arguments(p)
-    a('--l2', type=byol.positive_float, nargs='+', default=L2_GRID,
-      help='linear: the l2 penalties to choose '
-      'from (paper: 45 log-spaced values in [1e-6, 1e5])')
-    a('--max-iter', type=byol.positive_int, default=1000,
-      help='linear: L-BFGS iterations per penalty')
+    a('--l2', type=byol.positive_float, nargs='+', default=L2_GRID, help='linear: the l2 '
+      'penalties to choose from (default: the paper\'s 45 log-spaced values in [1e-6, 1e5])')
+    a('--max-iter', type=byol.positive_int, default=1000, help='linear: L-BFGS iterations per '
+      'penalty (default: 1000)')
     a('--grid', choices=tuple(FINETUNE_GRIDS), default='full', help='finetune: lr x wd grid '
       '(full: the paper\'s 7 x 8; quick: lr {0.01, 0.1} x wd {0, 1e-5})')
-    a('--steps', type=byol.positive_int, default=20000,
-      help='finetune: SGD steps per run (paper: 20,000)')
-    a('--batch-size', type=byol.positive_int, default=256,
-      help='finetune batch (paper: 256); also the feature '
-      'extraction batch')
-    a('--train-images', type=byol.nonnegative_int, default=0,
-      help='use this many training images (a seeded '
-      'subset, for quick runs; 0: all)')
+    a('--steps', type=byol.positive_int, default=20000, help='finetune: SGD steps per run '
+      '(default: the paper\'s 20,000)')
+    a('--batch-size', type=byol.positive_int, default=256, help='finetune batch, also the '
+      'feature extraction batch (default: the paper\'s 256)')
+    a('--train-images', type=byol.nonnegative_int, default=0, help='use this many training '
+      'images (a seeded subset, for quick runs; default 0: all)')
     a('--seed', type=int, default=0, help='seeds the carved validation splits, the head and '
-      'the fine-tuning order')
+      'the fine-tuning order (default: 0)')
     a('--output-dir', default='runs/transfer', help='<dataset>_<protocol>.json and '
-      'table_<protocol>.{json,md}')
+      'table_<protocol>.{json,md} (default: runs/transfer)')
     return p
 
 # ------------------------------------------------------------------------------------------------
@@ -424,8 +421,10 @@ def load_dataset(name, root, download=False, seed=0):
     else:
         if not present(name, root) and not (download and name not in NOT_DOWNLOADABLE):
             expected = ' or '.join(f'{root}/{p}' for p in DATASETS[name].path)
-            how = 'place it there by hand (torchvision cannot download it)' \
-                if name in NOT_DOWNLOADABLE else 'pass --download to fetch it'
+            if name in NOT_DOWNLOADABLE:
+                how = 'place it there by hand (torchvision cannot download it)'
+            else:
+                how = 'pass --download to fetch it'
             raise UserError(f'{DATASETS[name].title} not found: expected {expected}; {how}')
         train, val, test = LOADERS[name](root, download, seed)
     if train.targets.dim() == 1:

@@ -38,6 +38,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -52,24 +53,28 @@ QUICK_START = ['--arch', 'convnet', '--width', '16', '--workers', '0', '--amp', 
 PROBE = ['--train-images', '10000', '--workers', '0', '--amp', 'none', '--cached']
 COLLAPSE_IMAGES = 2000  # validation images for the collapse signals
 
-# row: (byol.py flags, or None for the encoder at random init; the paper's ImageNet linear
-# top-1 for it: ResNet-50, 300 epochs, ../shared/SPEC.md section 7)
+
+
+class Row(NamedTuple):
+    folder: str            # its folder in --out
+    flags: Optional[list]  # byol.py's flags; None: the encoder at random init, not trained
+    paper: str             # the paper's ImageNet linear top-1 for it: ResNet-50, 300 epochs
+                           # (../shared/SPEC.md section 7)
+
+
 ROWS = {
-    'random init': (None, '1.4'),
-    'tau = 1 (fixed random target)': (['--tau', '1'], '18.8 ± 0.7'),
-    'tau_base = 0.99 (the quick start)': (['--tau', '0.99'], '72.5'),
-    'tau = 0 constant (stop-gradient of online)': (['--tau', '0', '--constant-tau'], '0.3'),
-    'no predictor (tau_base = 0.99)': (['--tau', '0.99', '--no-predictor'], '0.2'),
-    'batch 64': (['--tau', '0.99', '--batch-size', '64'], '59.7'),
-    'batch 128': (['--tau', '0.99', '--batch-size', '128'], '69.6'),
-    'batch 256': (['--tau', '0.99', '--batch-size', '256'], '71.8'),
-    'batch 512': (['--tau', '0.99', '--batch-size', '512'], '72.2'),
+    'random init': Row('random_init', None, '1.4'),
+    'tau = 1 (fixed random target)': Row('tau_1', ['--tau', '1'], '18.8 ± 0.7'),
+    'tau_base = 0.99 (the quick start)': Row('tau_0.99', ['--tau', '0.99'], '72.5'),
+    'tau = 0 constant (stop-gradient of online)': Row(
+        'tau_0_constant', ['--tau', '0', '--constant-tau'], '0.3'),
+    'no predictor (tau_base = 0.99)': Row(
+        'no_predictor', ['--tau', '0.99', '--no-predictor'], '0.2'),
+    'batch 64': Row('batch_64', ['--tau', '0.99', '--batch-size', '64'], '59.7'),
+    'batch 128': Row('batch_128', ['--tau', '0.99', '--batch-size', '128'], '69.6'),
+    'batch 256': Row('batch_256', ['--tau', '0.99', '--batch-size', '256'], '71.8'),
+    'batch 512': Row('batch_512', ['--tau', '0.99', '--batch-size', '512'], '72.2'),
 }
-FOLDERS = {'random init': 'random_init', 'tau = 1 (fixed random target)': 'tau_1',
-           'tau_base = 0.99 (the quick start)': 'tau_0.99',
-           'tau = 0 constant (stop-gradient of online)': 'tau_0_constant',
-           'no predictor (tau_base = 0.99)': 'no_predictor', 'batch 64': 'batch_64',
-           'batch 128': 'batch_128', 'batch 256': 'batch_256', 'batch 512': 'batch_512'}
 # question: (rows, epochs of the schedule, the epochs after which the encoder is probed)
 QUESTIONS = {
     'target': (['random init', 'tau = 1 (fixed random target)',
@@ -83,27 +88,27 @@ BATCH = 128  # the quick start's, where a row does not say
 
 
 def run(command, log):
-    """A script of the repository with one thread, its output appended to `log` -> CPU seconds
-    (its own and its children's); stops everything on a failure."""
-    before = os.times()
+    """A script of the repository with one thread, its output appended to `log` -> its CPU
+    seconds (its own process's, whatever else runs beside it)."""
     with open(log, 'a') as f:
-        code = subprocess.call([sys.executable, *map(str, command)], stdout=f,
-                               stderr=subprocess.STDOUT, cwd=HERE,
-                               env=dict(os.environ, OMP_NUM_THREADS='1'))
+        process = subprocess.Popen([sys.executable, *map(str, command)], stdout=f,
+                                   stderr=subprocess.STDOUT, cwd=HERE,
+                                   env=dict(os.environ, OMP_NUM_THREADS='1'))
+        _, status, usage = os.wait4(process.pid, 0)
+    code = os.waitstatus_to_exitcode(status)
     if code:
-        sys.exit(f'ablations.py: {command[0]} failed (exit {code}); see {log}')
-    after = os.times()
-    return (after.children_user - before.children_user
-            + after.children_system - before.children_system)
+        raise RuntimeError(f'{command[0]} failed (exit {code}); see {log}')
+    return usage.ru_utime + usage.ru_stime
 
 
 def pretrain_and_probe(row, seed, epochs, probes, args):
     """One row and seed: pretraining over `epochs`, stopping after each epoch of `probes` to
     probe the encoder there (resuming continues the same run), or, for the random init, one
     probe -> {epoch: results}. Whatever is already in its folder is reused."""
-    folder = args.out / FOLDERS[row] / f'{epochs}ep' / f'seed{seed}'
-    if ROWS[row][0] is None:
-        folder = args.out / FOLDERS[row] / f'seed{seed}'
+    flags = ROWS[row].flags
+    folder = args.out / ROWS[row].folder / f'{epochs}ep' / f'seed{seed}'
+    if flags is None:
+        folder = args.out / ROWS[row].folder / f'seed{seed}'
     folder.mkdir(parents=True, exist_ok=True)
     results = {}
     for epoch in probes:
@@ -112,7 +117,7 @@ def pretrain_and_probe(row, seed, epochs, probes, args):
             results[epoch] = json.loads(done.read_text())
             continue
         record = dict(train_cpu_s=0.0)
-        if ROWS[row][0] is None:
+        if flags is None:
             encoder = ['--arch', 'convnet', '--width', '16']
         else:
             kept = folder / f'checkpoint_ep{epoch}.pth'
@@ -123,7 +128,7 @@ def pretrain_and_probe(row, seed, epochs, probes, args):
                 if epoch < epochs:
                     stop = ['--stop-at-step', steps]
                 record['train_cpu_s'] = run(
-                    ['byol.py', '--data', args.data, *QUICK_START, *ROWS[row][0],
+                    ['byol.py', '--data', args.data, *QUICK_START, *flags,
                      '--batch-size', batch_size(row), '--epochs', epochs, '--seed', seed,
                      *stop, '--output-dir', folder], folder / 'train.log')
             if not kept.exists():
@@ -134,7 +139,7 @@ def pretrain_and_probe(row, seed, epochs, probes, args):
         record['probe_cpu_s'] = run(['linear_eval.py', '--data', args.data, *PROBE, *encoder,
                                      '--seed', seed, '--output-dir', probe], folder / 'probe.log')
         record.update(json.loads((probe / 'results.jsonl').read_text().splitlines()[-1]))
-        if ROWS[row][0] is not None:
+        if flags is not None:
             record['collapse'] = collapse_signals(folder / f'checkpoint_ep{epoch}.pth', args.data)
         done.write_text(json.dumps(record) + '\n')
         results[epoch] = record
@@ -149,7 +154,7 @@ def saved_step(checkpoint):
 
 
 def batch_size(row):
-    flags = ROWS[row][0] or []
+    flags = ROWS[row].flags or []
     if '--batch-size' in flags:
         return int(flags[flags.index('--batch-size') + 1])
     return BATCH
@@ -192,24 +197,24 @@ def per_seed(values, digits=1):
     return ' / '.join(f'{v:.{digits}f}' for v in values)
 
 
-def tables(question, results, args):
+def tables(question, schedule, results, args):
     """The question's markdown tables: the probe after each epoch; the gain over the random
-    init, seed by seed; the collapse signals; the CPU time."""
-    rows, epochs, probes = QUESTIONS[question]
+    init, seed by seed; the collapse signals; the cost in CPU-minutes."""
+    rows, epochs, probes = schedule
     baseline = [r[1] for r in results['random init']]  # (every random-init run has one probe)
-    trained = [row for row in rows if ROWS[row][0] is not None]
+    trained = [row for row in rows if ROWS[row].flags is not None]
     print(f'\n{question}: CIFAR-10 folder, convnet w=16, a {epochs}-epoch schedule, seeds '
           f'{per_seed(args.seeds, 0)}; linear probe top-1 (%), mean ± std over the seeds\n')
     print('| run | paper, ImageNet top-1 | ' + ' | '.join(f'after epoch {e}' for e in probes)
           + ' | per seed, at the end |')
     print('|---|---|' + '---|' * len(probes) + '---|')
     top1 = [b['top1'] for b in baseline]
-    print(f'| random init | {ROWS["random init"][1]} | '
+    print(f'| random init | {ROWS["random init"].paper} | '
           + ' | '.join(mean_spread(top1) for _ in probes) + f' | {per_seed(top1)} |')
     for row in trained:
         cells = [mean_spread([r[e]['top1'] for r in results[row]]) for e in probes]
         end = per_seed([r[probes[-1]]['top1'] for r in results[row]])
-        print(f'| {row} | {ROWS[row][1]} | ' + ' | '.join(cells) + f' | {end} |')
+        print(f'| {row} | {ROWS[row].paper} | ' + ' | '.join(cells) + f' | {end} |')
 
     print('\nGain over the random init of the same seed (points), and kNN top-1 (%) at the end\n')
     print('| run | ' + ' | '.join(f'gain after epoch {e}' for e in probes) + ' | kNN at the end |')
@@ -231,13 +236,25 @@ def tables(question, results, args):
                          + per_seed([s['z'] for s in signals], 2))
         print(f'| {row} | ' + ' | '.join(cells) + ' |')
 
-    cpu = sum(r.get('train_cpu_s', 0) + r.get('probe_cpu_s', 0)
-              for row in rows for runs in results[row] for r in runs.values())
-    print(f'\nCPU time of the runs this command made now: {cpu / 60:.0f} CPU-minutes '
-          '(reused runs count 0)')
+    # The cost, from the runs' own clocks (one thread each: wall time ~ CPU time): byol.py's
+    # log.jsonl times each epoch from its segment's start; linear_eval.py's results its own.
+    pretraining = sum(pretraining_seconds(args.out / ROWS[row].folder / f'{epochs}ep' /
+                                          f'seed{seed}')
+                      for row in trained for seed in args.seeds)
+    probes_s = sum(r['time_s'] for row in rows for runs in results[row] for r in runs.values())
+    print(f'\nCost: {pretraining / 60:.0f} CPU-minutes of pretraining and {probes_s / 60:.0f} of '
+          'probes (one thread each)')
 
 
-def plot(question, results, out):
+def pretraining_seconds(folder):
+    """A run's pretraining time, from its log.jsonl: the last time of each segment (a resumed
+    segment's clock starts again)."""
+    times = [json.loads(line)['time'] for line in (folder / 'log.jsonl').read_text().splitlines()]
+    ends = [t for t, later in zip(times, times[1:] + [0]) if later < t]
+    return sum(ends)
+
+
+def plot(question, schedule, results, out):
     """The probe's top-1 against the epochs, a line per row (mean over the seeds, the seeds'
     range shaded), the random init as a dashed line; needs matplotlib."""
     try:
@@ -247,11 +264,11 @@ def plot(question, results, out):
         return
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
-    rows, epochs, probes = QUESTIONS[question]
+    rows, epochs, probes = schedule
     fig, ax = plt.subplots(figsize=(6, 4))
     baseline = statistics.mean(r[1]['top1'] for r in results['random init'])
     ax.axhline(baseline, color='gray', linestyle='--', label='random init')
-    for i, row in enumerate(r for r in rows if ROWS[r][0] is not None):
+    for i, row in enumerate(r for r in rows if ROWS[r].flags is not None):
         values = [[r[e]['top1'] for r in results[row]] for e in probes]
         ax.plot(probes, [statistics.mean(v) for v in values], 'o-', color=f'C{i}', label=row)
         ax.fill_between(probes, [min(v) for v in values], [max(v) for v in values],
@@ -284,24 +301,29 @@ def main(argv=None):
     args = p.parse_args(argv)
     args.out = args.out.absolute()
     args.images = len(augment.load_images(args.data))
-    if args.schedule:
-        QUESTIONS[args.question] = (QUESTIONS[args.question][0], args.schedule[0],
-                                    tuple(args.schedule[1:]) or (args.schedule[0],))
     rows, epochs, probes = QUESTIONS[args.question]
+    if args.schedule:
+        epochs, probes = args.schedule[0], tuple(args.schedule[1:]) or (args.schedule[0],)
     started = time.time()
     with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
         futures = {}
         for seed in args.seeds:
             for row in rows:
                 row_probes = probes
-                if ROWS[row][0] is None:
+                if ROWS[row].flags is None:
                     row_probes = (1,)  # (the random init: one probe)
                 futures[row, seed] = pool.submit(pretrain_and_probe, row, seed, epochs,
                                                  row_probes, args)
+        done, _ = concurrent.futures.wait(futures.values(),
+                                          return_when=concurrent.futures.FIRST_EXCEPTION)
+        failed = [f.exception() for f in done if f.exception()]
+        if failed:  # the runs still queued are dropped; those running finish their command
+            pool.shutdown(cancel_futures=True)
+            sys.exit(f'ablations.py: {failed[0]}')
         results = {row: [futures[row, seed].result() for seed in args.seeds] for row in rows}
-    tables(args.question, results, args)
+    tables(args.question, (rows, epochs, probes), results, args)
     print(f'{(time.time() - started) / 60:.0f} minutes of wall time')
-    plot(args.question, results,
+    plot(args.question, (rows, epochs, probes), results,
          args.plot or HERE / 'bench' / 'figures' / f'ablation_{args.question}.png')
 
 

@@ -44,6 +44,7 @@ def step_fn(B, A, arch, batch, width=None, hidden=4096, projection=256):
     torch.manual_seed(0)
     encoder, dim = B.build_encoder(arch, True, width)
     model = B.BYOL(encoder, dim, hidden, projection)
+    # (byol.fastest_memory_format's rule on a CPU, written out: older checkouts lack it)
     memory_format = torch.channels_last if arch == 'convnet' else torch.contiguous_format
     model.to(memory_format=memory_format)
     optimizer = B.LARS(B.lars_param_groups(model, 1.5e-6), lr=0.1)
@@ -110,36 +111,42 @@ def main():
         a = load(f'{version}_augment', root / 'augment.py')
         modules[version] = (load(f'{version}_byol', root / 'byol.py', {'augment': a}), a)
 
-    measures = {}
-    for version, (B, A) in modules.items():
-        images = A.load_images(args.cifar)
-        loader, _ = A.batches(images, 32, 128, 'byol', workers=0, in_memory=False)
-        memory, _ = A.batches(images, 32, 128, 'byol', workers=0, in_memory=True)
-        measures[version] = {
-            'step convnet': lambda r, s=step_fn(B, A, 'convnet', 128, 16, 512, 128): rate_steps(
-                s, 128),
-            'step resnet18': lambda r, s=step_fn(B, A, 'resnet18', 32): rate_steps(s, 32),
-            'LARS + EMA convnet (steps/s)': lambda r, s=optimizer_fn(B, 'convnet', 16): rate_steps(
-                s, 1, 20),
-            'LARS + EMA resnet18 (steps/s)': lambda r, s=optimizer_fn(B, 'resnet18'): rate_steps(
-                s, 1, 5),
-            'loader': lambda r, b=loader: rate_loader(b, 128, 10, r),
-            'memory': lambda r, b=memory: rate_loader(b, 128, 10, r),
-        }
+    measures = {version: measures_of(B, A, args.cifar) for version, (B, A) in modules.items()}
     names = list(measures['now'])
     results = {(name, version): [] for name in names for version in modules}
     for r in range(args.rounds):
         for name in names:
             for version in modules:
-                results[name, version].append(measures[version][name](r))
+                unit, measure = measures[version][name]
+                results[name, version].append(measure(r))
         print(r, {f'{n} {v}': round(rates[-1], 1) for (n, v), rates in results.items()},
               flush=True)
     for name in names:
+        unit = measures['now'][name][0]
         before, now = results[name, 'before'], results[name, 'now']
         ratios = [n / b for n, b in zip(now, before)]
         print(f'{name}: before median {statistics.median(before):.1f}, now median '
-              f'{statistics.median(now):.1f} img/s; now/before per round: median '
+              f'{statistics.median(now):.1f} {unit}; now/before per round: median '
               f'{statistics.median(ratios):.3f} (min {min(ratios):.3f}, max {max(ratios):.3f})')
+
+
+def measures_of(B, A, cifar):
+    """One checkout's measures: name -> (unit, rate of round r)."""
+    convnet = step_fn(B, A, 'convnet', 128, 16, 512, 128)
+    resnet18 = step_fn(B, A, 'resnet18', 32)
+    lars_convnet = optimizer_fn(B, 'convnet', 16)
+    lars_resnet18 = optimizer_fn(B, 'resnet18')
+    images = A.load_images(cifar)
+    loader, _ = A.batches(images, 32, 128, 'byol', workers=0, in_memory=False)
+    memory, _ = A.batches(images, 32, 128, 'byol', workers=0, in_memory=True)
+    return {
+        'step convnet': ('img/s', lambda r: rate_steps(convnet, 128)),
+        'step resnet18': ('img/s', lambda r: rate_steps(resnet18, 32)),
+        'LARS + EMA convnet': ('steps/s', lambda r: rate_steps(lars_convnet, 1, 20)),
+        'LARS + EMA resnet18': ('steps/s', lambda r: rate_steps(lars_resnet18, 1, 5)),
+        'loader': ('img/s', lambda r: rate_loader(loader, 128, 10, r)),
+        'memory': ('img/s', lambda r: rate_loader(memory, 128, 10, r)),
+    }
 
 
 if __name__ == '__main__':

@@ -36,13 +36,14 @@ def run(folder, flags, synced_bn):
     last = int(flags[flags.index('--stop-at-step') + 1])
     tau = byol.target_tau
 
-    def counting_tau(step, total, base):  # called once a step, after the optimizer step
+    def counting_tau(step, total, base):  # called once a step, as the step begins
         steps.append(step)
         times.append(time.perf_counter())
         return tau(step, total, base)
 
     def record(message, category, filename, lineno, file=None, line=None):
-        if 'synchroniz' in str(message) and WARMUP < len(steps) < last:  # (not the save)
+        # steps WARMUP + 1 .. last - 1: not the last one's, whose stop writes the checkpoint
+        if 'synchroniz' in str(message) and WARMUP < len(steps) < last:
             syncs[f'{Path(filename).name}:{lineno}'] += 1
 
     model = byol.BYOL
@@ -66,10 +67,11 @@ def run(folder, flags, synced_bn):
         byol.target_tau, byol.BYOL = tau, model
         if cuda:
             torch.cuda.set_sync_debug_mode('default')
-    counted = len(steps) - WARMUP
-    rate = (counted - 1) / (times[-1] - times[WARMUP])
-    result = dict(steps=len(steps), steps_per_s=rate,
-                  host_syncs_per_step=sum(syncs.values()) / counted if cuda else None,
+    rate = (len(steps) - 1 - WARMUP) / (times[-1] - times[WARMUP])  # (between steps' starts)
+    syncs_per_step = None
+    if cuda:
+        syncs_per_step = sum(syncs.values()) / (last - 1 - WARMUP)
+    result = dict(steps=len(steps), steps_per_s=rate, host_syncs_per_step=syncs_per_step,
                   sync_sites=dict(syncs.most_common(8)))
     if cuda:
         result['peak_memory_gb'] = torch.cuda.max_memory_allocated() / 2 ** 30
@@ -93,10 +95,12 @@ def main():
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU'
     print(f'\nloop check on {device}, flags: {" ".join(flags)}')
     for name, r in results.items():
-        print(f'  {name:40s} {r["steps_per_s"]:.3f} steps/s over {r["steps"] - WARMUP - 1} steps'
-              + (f', peak memory {r["peak_memory_gb"]:.1f} GB' if 'peak_memory_gb' in r else '')
-              + (f', host syncs per step {r["host_syncs_per_step"]:.2f} at {r["sync_sites"]}'
-                 if r['host_syncs_per_step'] is not None else ''))
+        line = f'  {name:40s} {r["steps_per_s"]:.3f} steps/s over {r["steps"] - WARMUP - 1} steps'
+        if 'peak_memory_gb' in r:
+            line += f', peak memory {r["peak_memory_gb"]:.1f} GB'
+        if r['host_syncs_per_step'] is not None:
+            line += f', host syncs per step {r["host_syncs_per_step"]:.2f} at {r["sync_sites"]}'
+        print(line)
     ratio = results['GlobalBatchNorm']['steps_per_s'] / results['BN of one process']['steps_per_s']
     print(f'  GlobalBatchNorm / BN of one process: {ratio:.2f}x the step rate '
           f'(expected host syncs: 1 every {byol.SYNC_EVERY} steps)')

@@ -9,8 +9,9 @@ and off, measured side by side in one run.
 Step variants (images/s counts each source image once, i.e. batch / step time):
   straightforward   per-image augmentation on the CPU, fp32, default memory format: what a direct
                     transcription of the paper does
-  byol.py           batched augmentation on the training device, bf16 autocast where it is faster
-                    (GPUs; CPUs with AMX), channels_last on GPUs: as byol.py runs
+  byol.py           byol.train_step with batched augmentation on the training device, the
+                    precision byol.py picks (byol.default_amp), its memory format and device
+                    settings (byol.configure_device): as byol.py runs
   byol.py - X       byol.py with one feature X switched back to the straightforward way
   byol.py + compile torch.compile of the BYOL module (--compile; opt-in)
 Warm-up steps are excluded; each variant's time is the median over --repeats timings of --steps
@@ -18,8 +19,7 @@ steps. On GPUs the model FLOPs utilisation (MFU) is the step's FLOPs (counted by
 torch.utils.flop_counter) per second over the GPU's measured dense bf16 matmul rate.
 The pipeline part times what one loader worker spends per image (decode and crop, or only decode
 when the GPU crops), and what feeds the step for each placement of augment.py's stages (loader
-workers, dataset held in memory, cropping or decoding on the GPU), in images (view pairs) per
-second.
+workers, dataset held in memory, cropping on the GPU), in images (view pairs) per second.
 Prints a table and writes --json.
 """
 import argparse
@@ -73,6 +73,7 @@ def make_step(args, device, batched_augment=True, amp=None, channels_last=None, 
     torch.manual_seed(0)
     if amp is None:
         amp = byol.default_amp()
+    byol.configure_device(device, amp)  # (cuDNN autotuning; TF32 only under autocast)
     memory_format = byol.fastest_memory_format(device, args.arch)  # as byol.py
     if channels_last is not None:
         memory_format = torch.channels_last if channels_last else torch.contiguous_format
@@ -95,8 +96,10 @@ def make_step(args, device, batched_augment=True, amp=None, channels_last=None, 
             v1, v2 = per_image_views(crops, u)
         v1, v2 = (v.to(device).contiguous(memory_format=memory_format) for v in (v1, v2))
         return byol.train_step(forward, model, optimizer, scaler, v1, v2, None, 0.1, 0.996, amp)
-    return step, (v1_v2_flops(model, crops, u, device, amp, memory_format)
-                  if device.type == 'cuda' else None)
+    flops = None
+    if device.type == 'cuda':
+        flops = v1_v2_flops(model, crops, u, device, amp, memory_format)
+    return step, flops
 
 
 def v1_v2_flops(model, crops, u, device, amp, memory_format):
