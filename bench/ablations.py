@@ -1,6 +1,7 @@
 """bench/ablations.py: the paper's ablations at CPU scale, with the project's own scripts: byol.py
 pretrains, linear_eval.py probes (cached linear probe and kNN), for every row and seed; then
-markdown tables, and a plot of the probe against the epochs (matplotlib, if installed).
+markdown tables, and a plot of the probe against the epochs or the batch size (matplotlib, if
+installed).
 
 One command per question (README.md, "The paper's ablations at CPU scale"):
 
@@ -14,7 +15,8 @@ One command per question (README.md, "The paper's ablations at CPU scale"):
              5, 10 and 20 (the runs stop there and resume, bit for bit the same run), against
              the encoder at random init (paper section 3 and Table 5a).
   predictor  tau_base 0.99 with and without the predictor (Table 5b), the same schedule and
-             probes, with the collapse signal of the representation y and of the projection z.
+             probes, with two collapse signals of the representation y and of the projection
+             z: their spread and their effective rank (collapse_signals).
   batch      batch 64, 128, 256 and 512 at equal epochs (5), the base lr kept so that the peak
              lr follows the paper's rule, lr x batch / 256 (Table 16).
 
@@ -114,7 +116,12 @@ def pretrain_and_probe(row, seed, epochs, probes, args):
     for epoch in probes:
         done = folder / f'probe_ep{epoch}.json'
         if done.exists():
-            results[epoch] = json.loads(done.read_text())
+            record = json.loads(done.read_text())
+            if flags is not None and 'y_rank' not in record['collapse']:  # (an older record)
+                record['collapse'] = collapse_signals(folder / f'checkpoint_ep{epoch}.pth',
+                                                      args.data)
+                done.write_text(json.dumps(record) + '\n')
+            results[epoch] = record
             continue
         record = dict(train_cpu_s=0.0)
         if flags is None:
@@ -162,10 +169,15 @@ def batch_size(row):
 
 @torch.no_grad()
 def collapse_signals(checkpoint, data):
-    """The collapse signal of the online representation y = f(x) and projection z = g(y) on
-    COLLAPSE_IMAGES validation images (centre crops, BN in eval mode): the std over the images
-    of the l2-normalised vectors, averaged over the dimensions, x sqrt(d): about 1 when they
-    spread over the sphere, 0 when every image maps to the same direction."""
+    """The collapse signals of the online representation y = f(x) and projection z = g(y) on
+    COLLAPSE_IMAGES validation images (centre crops, BN in eval mode), two for each:
+    - 'y', 'z': the std over the images of the l2-normalised vectors, averaged over the
+      dimensions, x sqrt(d): about 1 when they spread over the sphere, 0 when every image maps
+      to the same direction (the signal byol.py logs for z);
+    - 'y_rank', 'z_rank': their effective rank (Roy and Vetterli 2007): exp of the entropy of
+      the centred normalised vectors' squared singular values, as a distribution. It counts the
+      directions the images spread along: 1 when they vary along a line only, which the std
+      above does not see (a line through the sphere has a large std)."""
     torch.set_num_threads(1)
     encoder, dim, settings = linear_eval.load_encoder(checkpoint)
     state = byol.load_file(checkpoint)
@@ -179,8 +191,20 @@ def collapse_signals(checkpoint, data):
     y, _ = linear_eval.features(encoder, subset, settings['image_size'], 250, 0,
                                 torch.device('cpu'))
     z = projector.eval()(y)
-    return {name: (F.normalize(t, dim=1).std(dim=0).mean() * t.shape[1] ** 0.5).item()
-            for name, t in (('y', y), ('z', z))}
+    signals = {}
+    for name, t in (('y', y), ('z', z)):
+        t = F.normalize(t, dim=1)
+        signals[name] = (t.std(dim=0).mean() * t.shape[1] ** 0.5).item()
+        signals[name + '_rank'] = effective_rank(t)
+    return signals
+
+
+def effective_rank(vectors):
+    """exp(entropy of p), p the squared singular values of the centred rows, summed to 1."""
+    energy = torch.linalg.svdvals(vectors - vectors.mean(dim=0)) ** 2
+    p = energy / energy.sum()
+    p = p[p > 0]
+    return torch.exp(-(p * p.log()).sum()).item()
 
 # ------------------------------------------------------------------------------------------------
 # Tables
@@ -225,16 +249,10 @@ def tables(question, schedule, results, args):
         knn = mean_spread([r[probes[-1]]['knn_top1'] for r in results[row]])
         print(f'| {row} | ' + ' | '.join(gains) + f' | {knn} |')
 
-    print('\nCollapse signals (about 1: spread; 0: collapsed), per seed, after each epoch\n')
-    print('| run | ' + ' | '.join(f'after epoch {e}' for e in probes) + ' |')
-    print('|---|' + '---|' * len(probes))
-    for row in trained:
-        cells = []
-        for e in probes:
-            signals = [r[e]['collapse'] for r in results[row]]
-            cells.append('y ' + per_seed([s['y'] for s in signals], 2) + '; z '
-                         + per_seed([s['z'] for s in signals], 2))
-        print(f'| {row} | ' + ' | '.join(cells) + ' |')
+    signal_table('Collapse signals (about 1: spread; 0: collapsed)', ('y', 'z'), 2,
+                 trained, probes, results)
+    signal_table('Effective rank of y and z (the directions the images spread along, of 128 '
+                 'each)', ('y_rank', 'z_rank'), 1, trained, probes, results)
 
     # The cost, from the runs' own clocks (one thread each: wall time ~ CPU time): byol.py's
     # log.jsonl times each epoch from its segment's start; linear_eval.py's results its own.
@@ -246,6 +264,20 @@ def tables(question, schedule, results, args):
           'probes (one thread each)')
 
 
+def signal_table(title, keys, digits, rows, probes, results):
+    """A table of collapse_signals' `keys` (y's, z's), per seed, after each epoch."""
+    print(f'\n{title}, per seed, after each epoch\n')
+    print('| run | ' + ' | '.join(f'after epoch {e}' for e in probes) + ' |')
+    print('|---|' + '---|' * len(probes))
+    for row in rows:
+        cells = []
+        for e in probes:
+            signals = [r[e]['collapse'] for r in results[row]]
+            cells.append(f'y {per_seed([s[keys[0]] for s in signals], digits)}; '
+                         f'z {per_seed([s[keys[1]] for s in signals], digits)}')
+        print(f'| {row} | ' + ' | '.join(cells) + ' |')
+
+
 def pretraining_seconds(folder):
     """A run's pretraining time, from its log.jsonl: the last time of each segment (a resumed
     segment's clock starts again)."""
@@ -255,8 +287,9 @@ def pretraining_seconds(folder):
 
 
 def plot(question, schedule, results, out):
-    """The probe's top-1 against the epochs, a line per row (mean over the seeds, the seeds'
-    range shaded), the random init as a dashed line; needs matplotlib."""
+    """The probe's top-1 (mean over the seeds, the seeds' range shaded) against the epochs, a
+    line per row, or, for a question probed once (batch), against the batch size; the random
+    init as a dashed line. Needs matplotlib."""
     try:
         import matplotlib
     except ImportError:
@@ -265,20 +298,32 @@ def plot(question, schedule, results, out):
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     rows, epochs, probes = schedule
+    trained = [row for row in rows if ROWS[row].flags is not None]
     fig, ax = plt.subplots(figsize=(6, 4))
     baseline = statistics.mean(r[1]['top1'] for r in results['random init'])
     ax.axhline(baseline, color='gray', linestyle='--', label='random init')
-    for i, row in enumerate(r for r in rows if ROWS[r].flags is not None):
-        values = [[r[e]['top1'] for r in results[row]] for e in probes]
-        ax.plot(probes, [statistics.mean(v) for v in values], 'o-', color=f'C{i}', label=row)
-        ax.fill_between(probes, [min(v) for v in values], [max(v) for v in values],
-                        color=f'C{i}', alpha=0.2)
-    ax.set_xlabel('epoch')
+    if len(probes) > 1:
+        for i, row in enumerate(trained):
+            values = [[r[e]['top1'] for r in results[row]] for e in probes]
+            ax.plot(probes, [statistics.mean(v) for v in values], 'o-', color=f'C{i}',
+                    label=row)
+            ax.fill_between(probes, [min(v) for v in values], [max(v) for v in values],
+                            color=f'C{i}', alpha=0.2)
+        ticks, label = probes, 'epoch'
+    else:
+        ticks = [batch_size(row) for row in trained]
+        values = [[r[probes[0]]['top1'] for r in results[row]] for row in trained]
+        ax.plot(ticks, [statistics.mean(v) for v in values], 'o-', color='C0',
+                label=f'BYOL after {epochs} epochs, lr x batch / 256')
+        ax.fill_between(ticks, [min(v) for v in values], [max(v) for v in values],
+                        color='C0', alpha=0.2)
+        label = 'batch size'
+    ax.set_xscale('log')
+    ax.set_xticks(ticks, [str(t) for t in ticks])
+    ax.minorticks_off()
+    ax.set_xlabel(label)
     ax.set_ylabel('linear probe top-1 (%)')
     ax.set_title(f'{question}: CIFAR-10, convnet w=16, {epochs}-epoch schedule', fontsize=10)
-    if len(probes) > 1:
-        ax.set_xscale('log')
-        ax.set_xticks(probes, [str(e) for e in probes])
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
