@@ -173,7 +173,7 @@ def collapse_signals(checkpoint, data):
     COLLAPSE_IMAGES validation images (centre crops, BN in eval mode), two for each:
     - 'y', 'z': the std over the images of the l2-normalised vectors, averaged over the
       dimensions, x sqrt(d): about 1 when they spread over the sphere, 0 when every image maps
-      to the same direction (the signal byol.py logs for z);
+      to the same direction (byol.py logs it for z as z_std, unscaled);
     - 'y_rank', 'z_rank': their effective rank (Roy and Vetterli 2007): exp of the entropy of
       the centred normalised vectors' squared singular values, as a distribution. It counts the
       directions the images spread along: 1 when they vary along a line only, which the std
