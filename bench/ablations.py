@@ -288,8 +288,8 @@ def pretraining_seconds(folder):
 
 def plot(question, schedule, results, out):
     """The probe's top-1 (mean over the seeds, the seeds' range shaded) against the epochs, a
-    line per row, or, for a question probed once (batch), against the batch size; the random
-    init as a dashed line. Needs matplotlib."""
+    line per row, or, where the rows differ in batch size (batch), at the end against the batch
+    size; the random init as a dashed line. Needs matplotlib."""
     try:
         import matplotlib
     except ImportError:
@@ -302,7 +302,7 @@ def plot(question, schedule, results, out):
     fig, ax = plt.subplots(figsize=(6, 4))
     baseline = statistics.mean(r[1]['top1'] for r in results['random init'])
     ax.axhline(baseline, color='gray', linestyle='--', label='random init')
-    if len(probes) > 1:
+    if len({batch_size(row) for row in trained}) == 1:
         for i, row in enumerate(trained):
             values = [[r[e]['top1'] for r in results[row]] for e in probes]
             ax.plot(probes, [statistics.mean(v) for v in values], 'o-', color=f'C{i}',
@@ -312,9 +312,9 @@ def plot(question, schedule, results, out):
         ticks, label = probes, 'epoch'
     else:
         ticks = [batch_size(row) for row in trained]
-        values = [[r[probes[0]]['top1'] for r in results[row]] for row in trained]
+        values = [[r[probes[-1]]['top1'] for r in results[row]] for row in trained]
         ax.plot(ticks, [statistics.mean(v) for v in values], 'o-', color='C0',
-                label=f'BYOL after {epochs} epochs, lr x batch / 256')
+                label=f'BYOL after {probes[-1]} epochs, lr x batch / 256')
         ax.fill_between(ticks, [min(v) for v in values], [max(v) for v in values],
                         color='C0', alpha=0.2)
         label = 'batch size'
