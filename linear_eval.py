@@ -534,7 +534,9 @@ class Inert:
 
 class InertTuple(tuple):
     """A NamedTuple type the file defines by name and fields (dill's _create_namedtuple), as a
-    plain tuple of its fields: the module it names is never imported."""
+    plain tuple of its fields: the module it names is never imported. No __dict__: a file can
+    give it no attributes (numpy reads some, __array_interface__ for one, as raw memory)."""
+    __slots__ = ()
     _fields = ()
 
     def __new__(cls, *fields):
@@ -545,15 +547,14 @@ class InertTuple(tuple):
 def safe_globals():
     """The only callables a released file may invoke, by (module, name): numpy's array and scalar
     reconstruction (under the names numpy 1.x and 2.x give them), protocol 2's byte decoding, and
-    plain containers."""
+    plain containers. Not numpy.array or asarray: given an object whose attributes the file set
+    (__array_interface__), they read any memory address. An OrderedDict is read as a dict, which
+    takes no attributes."""
     import _codecs
     import builtins
-    import collections
     core = getattr(np, '_core', None) or np.core
-    allowed = {('_codecs', 'encode'): _codecs.encode,
-               ('collections', 'OrderedDict'): collections.OrderedDict,
-               ('numpy', 'ndarray'): np.ndarray, ('numpy', 'dtype'): np.dtype,
-               ('numpy', 'array'): np.array, ('numpy', 'asarray'): np.asarray}
+    allowed = {('_codecs', 'encode'): _codecs.encode, ('collections', 'OrderedDict'): dict,
+               ('numpy', 'ndarray'): np.ndarray, ('numpy', 'dtype'): np.dtype}
     for package in ('numpy.core', 'numpy._core'):
         for module in ('multiarray', '_multiarray_umath'):
             allowed[f'{package}.{module}', '_reconstruct'] = core.multiarray._reconstruct
@@ -588,7 +589,8 @@ def dill_create_namedtuple(name, fields, module, defaults=None):
     """dill._dill._create_namedtuple: an InertTuple type named as the file's NamedTuple."""
     if not all(isinstance(s, str) for s in (name, module, *fields)):
         raise UserError(f'it defines a NamedTuple {name!r} of fields {fields!r}: not loaded')
-    return type(name, (InertTuple,), {'_fields': tuple(fields), '__module__': module})
+    return type(name, (InertTuple,), {'_fields': tuple(fields), '__module__': module,
+                                      '__slots__': ()})
 
 
 def dill_create_array(f, args, state, npdict=None):

@@ -10,6 +10,7 @@ slow tests that pretrain on real data (marked slow).
 Numbers are checked against values computed by hand in the test, never against recorded outputs.
 """
 import ast
+import collections
 import colorsys
 import contextlib
 import copy
@@ -2103,18 +2104,36 @@ def pickled_call(module, name, *args):
 
 def test_unsafe_released_files_are_refused_and_nothing_runs(released, tmp_path, capsys,
                                                            image_folder):
+    ran = tmp_path / 'ran'  # what any of the files would make, had it run
+
     class Shell:
         def __init__(self, call):
             self.call = call
 
         def __reduce__(self):
-            return self.call, ('echo should-not-run',)
+            return self.call, (f'touch {ran}',)
+
+    class Reduced:  # pickled as the call f(*args), then its state set
+        def __init__(self, f, args, state=None):
+            self.f, self.args, self.state = f, args, state
+
+        def __reduce__(self):
+            return self.f, self.args, self.state
     # os.system by name; subprocess.getoutput, which protocol 2 writes as Python 2's
     # commands.getoutput (and pickle imports as subprocess.getoutput)
     getoutput = pickle.dumps(Shell(subprocess.getoutput), protocol=2)
     assert b'commands\ngetoutput' in getoutput
     import_numpy = pickled_call('dill._dill', '_import_module', 'numpy.core.multiarray')
-    shout = 'print("should-not-run")'
+    shout = f'open({str(ran)!r}, "w").close()'
+    # numpy.array of an object that says its data is at some address: numpy would copy the
+    # memory there (a mapping whose __array_interface__ the file sets as its state)
+    secret = np.frombuffer(b'secret memory', dtype=np.uint8)
+    interface = dict(secret.__array_interface__, data=(secret.ctypes.data, True))
+    pointer = Reduced(collections.OrderedDict, (), {'__array_interface__': interface})
+    read_memory = pickle.dumps(Reduced(np.array, (pointer,)), protocol=2)
+    assert b'cnumpy\narray\n' in read_memory and b'collections\nOrderedDict' in read_memory
+    # the same mapping alone: read as a dict, it cannot take the attribute
+    mapping = pickle.dumps(pointer, protocol=2)
     files = {  # name: (its bytes, what the error names)
         'system': (pickle.dumps(Shell(os.system), protocol=2), 'posix.system, which could run'),
         'getoutput': (getoutput, 'subprocess.getoutput, which could run code'),
@@ -2127,17 +2146,22 @@ def test_unsafe_released_files_are_refused_and_nothing_runs(released, tmp_path, 
                    'it imports os, which a checkpoint has no need of'),
         'eval': (pickled_call('dill._dill', '_eval_repr', shout) + b'.',
                  'dill._dill._eval_repr, which could run code'),
+        'read_memory': (read_memory, 'numpy.array, which could run code or is not one a '
+                        'checkpoint needs'),
+        'mapping': (mapping, 'cannot read'),
     }
     common = ['--data', image_folder, '--workers', '0', '--output-dir', tmp_path]
     for name, (data, message) in files.items():
         (tmp_path / f'{name}.pkl').write_bytes(data)
         code, out, err = run_main(linear_eval, common + ['--pretrained', tmp_path / f'{name}.pkl'],
                                   capsys)
-        assert_one_line_error(code, err, f'{name}.pkl: ', message, 'not loaded')
-        assert 'should-not-run' not in out
+        assert_one_line_error(code, err, f'{name}.pkl', message)
+        assert 'secret' not in out + err
+    assert not ran.exists()
     # dill's NamedTuple type: a tuple of its fields; the module it names is never imported
     cls = linear_eval.dill_create_namedtuple('State', ('a', 'b'), 'os.path')
     assert cls(1, 2) == (1, 2) and cls._fields == ('a', 'b') and issubclass(cls, tuple)
+    assert not hasattr(cls(1, 2), '__dict__')  # (a file can set no attribute on one)
     assert linear_eval.dill_create_namedtuple('State', ('a',), 'not_a_module')(3) == (3,)
     assert 'not_a_module' not in sys.modules
 
