@@ -151,8 +151,9 @@ def build_encoder(arch, small_images=False, width=None):
     if small_images:  # CIFAR-size inputs: 3x3 stride-1 stem, no max-pool (SPEC.md section 0)
         net.conv1 = nn.Conv2d(3, net.conv1.out_channels, 3, stride=1, padding=1, bias=False)
         net.maxpool = nn.Identity()
+    dim = net.fc.in_features
     net.fc = nn.Identity()
-    return official_init(net), feature_dim(arch, width or 1)
+    return official_init(net), dim
 
 # ------------------------------------------------------------------------------------------------
 # Projector g and predictor q (paper section 3.3)
@@ -301,7 +302,7 @@ class LARS(torch.optim.Optimizer):
                 continue
             u = [p.grad for p in w]
             if group['lars']:
-                # (torch._foreach_*: one call for all the group's tensors, not one per tensor)
+                # (torch._foreach_*: each op called once over the group's tensors, not in a loop)
                 u = torch._foreach_add(u, w, alpha=group['weight_decay'])     # u = g + wd w
                 w_norm = torch.stack(torch._foreach_norm(w))
                 u_norm = torch.stack(torch._foreach_norm(u))
@@ -661,7 +662,7 @@ def out_of_memory(args, world, device):
     per_gpu = args.batch_size // world
     total = torch.cuda.get_device_properties(device).total_memory
     # (4 GiB for the weights, the optimizer and the workspaces; a quarter spare)
-    fits = int(0.75 * (total - 4 * 2 ** 30) / RESNET50_BYTES_PER_IMAGE[args.amp])
+    fits = max(0, int(0.75 * (total - 4 * 2 ** 30) / RESNET50_BYTES_PER_IMAGE[args.amp]))
     return (f'the GPU ran out of memory at {per_gpu} images per GPU ({args.arch}, '
             f'{args.image_size} px, --amp {args.amp}, {total / 2 ** 30:.0f} GiB); a ResNet-50 at '
             f'224 px fits about {fits} per GPU here (an estimate: README.md, "Memory"): use more '
@@ -797,11 +798,10 @@ class Progress:
         self.received, self.device, self.labelled = received, device, labelled
         self.start_time, self.start_step = time.time(), step
         self.window_time = self.start_time
-        self.window = torch.zeros(4, device=device)      # monitor sums and steps, since the line
-        self.epoch_sums = torch.zeros(4, device=device)  # and since the epoch began
+        self.window = torch.zeros(4, device=device)  # monitor sums and steps, since the line
 
     def start_epoch(self):
-        self.epoch_sums = torch.zeros(4, device=self.device)
+        self.epoch_sums = torch.zeros(4, device=self.device)  # and since the epoch began
 
     def after_step(self, step, epoch, monitor, lr, tau):
         """Counts the step's monitor (BYOL loss, projection std, classifier top-1); on the steps
@@ -956,9 +956,10 @@ def train(args, received):
         for (v1, v2), labels, _ in batches:  # v1 ~ T, v2 ~ T' (B, 3, S, S), normalised
             v1, v2 = (v.contiguous(memory_format=memory_format) for v in (v1, v2))
             lr = learning_rate(step, total_steps, warmup_steps, peak_lr)
-            tau = target_tau(step, total_steps, args.tau)
             if args.constant_tau:  # ABLATION (paper Table 5a): no cosine to 1
                 tau = args.tau
+            else:
+                tau = target_tau(step, total_steps, args.tau)
             if not n_classes:
                 labels = None
             try:
