@@ -1803,11 +1803,15 @@ def fixture_arrays():
 
 
 class frozendict:  # noqa: N801 (the official class's name)
-    """As Haiku's frozendict of 2020, which the released files hold: a mapping in __slots__."""
+    """As Haiku's frozendict of 2020, which the released files hold: a mapping in __slots__,
+    pickled as the class called with its storage (Haiku's own __reduce__)."""
     __slots__ = ('_storage', '_hash')
 
     def __init__(self, storage):
         self._storage, self._hash = dict(storage), None
+
+    def __reduce__(self):
+        return frozendict, (self._storage,)
 
 
 def _reconstruct_array(fun, args, arr_state, aval_state):  # (jax._src.array's; never called)
