@@ -187,13 +187,30 @@ def encoder_state(checkpoint, path):
     return checkpoint, dict(arch=arch, width=width, small_images=small_images, image_size=None)
 
 
+class Network(NamedTuple):
+    """What load_network gives: the online encoder, its feature size, its settings ({arch, width,
+    small_images, image_size, padding}), the online classifier (nn.Linear; None if the file has
+    none) and the step the file was saved at (None if unknown)."""
+    encoder: nn.Module
+    feature_dim: int
+    settings: dict
+    classifier: Optional[nn.Linear]
+    step: Optional[int]
+
+
 def load_encoder(path):
     """(encoder, feature_dim, settings) from a byol.py checkpoint, an exported encoder.pth or a
-    released DeepMind checkpoint (.pkl, read_released); settings: {arch, width, small_images,
-    image_size, padding} (image_size None if unknown; padding 'tf_same' for converted official
-    weights). One-line UserError if the file is missing or is none of these."""
+    released DeepMind checkpoint (.pkl): load_network's first three."""
+    return load_network(path)[:3]
+
+
+def load_network(path):
+    """The online network of a byol.py checkpoint, an exported encoder.pth (no classifier) or a
+    released DeepMind checkpoint (.pkl, read_released) -> Network; image_size None if unknown,
+    padding 'tf_same' for converted official weights. One-line UserError if the file is missing
+    or is none of these."""
     if Path(path).suffix == '.pkl':
-        return read_released(path)[:3]
+        return read_released(path)
     checkpoint = byol.load_file(path)
     try:
         state, settings = encoder_state(checkpoint, path)
@@ -206,9 +223,25 @@ def load_encoder(path):
     except RuntimeError as e:
         raise UserError(f'{path}: its weights do not fit a {settings["arch"]} encoder '
                         f'({str(e).splitlines()[1].strip()[:150]})') from None
+    try:
+        classifier = online_classifier(checkpoint)
+    except RuntimeError as e:
+        raise UserError(f'{path}: its online classifier is broken ({str(e)[:150]})') from None
     if settings.setdefault('padding', 'torch') == 'tf_same':
         tf_same_padding(encoder)
-    return encoder, feature_dim, settings
+    return Network(encoder, feature_dim, settings, classifier, checkpoint.get('step'))
+
+
+def online_classifier(checkpoint):
+    """byol.py's online classifier (the monitor, trained on labelled data) from its checkpoint,
+    or None (an encoder.pth, or a run without labels)."""
+    online = checkpoint.get('online', {})
+    if 'classifier.weight' not in online:
+        return None
+    classifier = nn.Linear(*online['classifier.weight'].shape[::-1])
+    classifier.load_state_dict({k[len('classifier.'):]: v for k, v in online.items()
+                                if k.startswith('classifier.')})
+    return classifier
 
 
 def evaluation_size(args, settings, images):
@@ -220,7 +253,6 @@ def evaluation_size(args, settings, images):
     if settings and settings['image_size']:
         return settings['image_size'], 'its training size'
     return augment.default_image_size(images), 'the data\'s default: no training size known'
-
 
 
 def frozen_encoder(args, images, device):
@@ -489,7 +521,6 @@ def start(args):
     return world, device, amp, workers
 
 
-
 def main(argv=None):
     return byol.run_cli('linear_eval.py', run, get_parser(), argv)
 
@@ -670,20 +701,9 @@ def plain(obj):
     return obj
 
 
-class Released(NamedTuple):
-    """What read_released gives: the online encoder (with TF's SAME padding), its feature size,
-    its settings, the online classifier (nn.Linear, None if the file has none) and the step the
-    file was saved at (None if unknown)."""
-    encoder: nn.Module
-    feature_dim: int
-    settings: dict
-    classifier: Optional[nn.Linear]
-    step: Optional[int]
-
-
 def read_released(path):
-    """A released BYOL checkpoint -> Released: the online network's weights and BN statistics,
-    its classifier and step. One-line UserError for a file that is not one, says why."""
+    """A released BYOL checkpoint -> Network (its encoder with TF's SAME padding): the online
+    network's weights and BN statistics, its classifier and step. One-line UserError for a file that is not one, says why."""
     if not Path(path).is_file():
         raise UserError(f'checkpoint {path} does not exist')
     try:
@@ -705,7 +725,7 @@ def read_released(path):
                         f'({type(e).__name__}: {str(e)[:150]})') from None
     step = checkpoint.get('step')
     step = int(step) if isinstance(step, (int, np.integer)) else None
-    return Released(encoder, feature_dim, settings, classifier, step)
+    return Network(encoder, feature_dim, settings, classifier, step)
 
 
 def official_top1(released):
@@ -908,18 +928,11 @@ def evaluate_checkpoint_classifier(args, images, world, device, workers):
     maximum (SPEC.md section 10)."""
     if not args.pretrained:
         raise UserError('--checkpoint-classifier needs --pretrained')
+    network = load_network(args.pretrained)
+    encoder, settings, classifier = network.encoder, network.settings, network.classifier
     released = None
     if Path(args.pretrained).suffix == '.pkl':
-        released = read_released(args.pretrained)
-        encoder, settings, classifier = released.encoder, released.settings, released.classifier
-    else:
-        encoder, _, settings = load_encoder(args.pretrained)
-        online = byol.load_file(args.pretrained).get('online', {})
-        classifier = None
-        if 'classifier.weight' in online:
-            classifier = nn.Linear(*online['classifier.weight'].shape[::-1])
-            classifier.load_state_dict({k[len('classifier.'):]: v for k, v in online.items()
-                                        if k.startswith('classifier.')})
+        released = network
     if classifier is None:
         raise UserError(f'{args.pretrained} holds no online classifier (byol.py trains one on '
                         'labelled data, in checkpoint.pth; encoder.pth has none)')

@@ -25,6 +25,7 @@ import os
 import pickle
 import pickletools
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -2059,7 +2060,7 @@ def test_only_the_released_files_are_compared_with_the_official_figure(dill_file
     assert f'not a released file, step {ABLATION_STEP}' in out
 
     def released_file(arch, width, step):
-        return linear_eval.Released(None, 2048, dict(arch=arch, width=width), None, step)
+        return linear_eval.Network(None, 2048, dict(arch=arch, width=width), None, step)
     assert linear_eval.official_top1(released_file('resnet200', 2, 312_784)) == 79.6
     assert linear_eval.official_top1(released_file('resnet50', 2, 312_784)) is None
     assert linear_eval.official_top1(released_file('resnet50', 1, None)) is None
@@ -2096,13 +2097,56 @@ def test_the_released_classifier_is_evaluated_as_it_is_in_float32(released, tmp_
     assert results['top1'] == pytest.approx(top1) and results['top5'] == pytest.approx(top5)
 
 
+def test_a_byol_checkpoint_s_own_classifier_is_evaluated(tiny_checkpoint, image_folder, tmp_path,
+                                                        capsys, monkeypatch):
+    seen = []
+
+    def features(model, *args):  # linear_eval's, keeping the logits it computed
+        logits, labels = real_features(model, *args)
+        seen.append(logits)
+        return logits, labels
+    real_features = linear_eval.features
+    monkeypatch.setattr(linear_eval, 'features', features)
+    common = ['--checkpoint-classifier', '--workers', '0', '--batch-size', '8', '--output-dir',
+              tmp_path]
+    results = linear_eval.main(list(map(str, ['--data', image_folder, '--pretrained',
+                                              tiny_checkpoint, *common])))
+    assert results['official_top1'] is None and 'official' not in capsys.readouterr().out
+    # by hand: the encoder's features of the 16 centre crops, then the monitor's weights as
+    # byol.py saved them
+    encoder, _, settings = linear_eval.load_encoder(tiny_checkpoint)
+    online = byol.load_file(tiny_checkpoint)['online']
+    val = augment.load_images(str(image_folder), split='val')
+    loader, _ = augment.batches(val, settings['image_size'], 16, 'eval')
+    loader.set_epoch(0)
+    (x,), labels, index = next(iter(loader))
+    with torch.no_grad():
+        logits = encoder.eval()(x) @ online['classifier.weight'].T + online['classifier.bias']
+    assert torch.allclose(seen[0][index], logits, atol=1e-5) and logits.abs().max() > 1e-3
+    top1, top5 = linear_eval.topk_accuracy(logits, labels)
+    assert results['top1'] == pytest.approx(top1) and results['top5'] == pytest.approx(top5)
+    # an exported encoder has no classifier; a validation split of other classes does not fit
+    code, _, err = run_main(linear_eval, ['--data', image_folder, '--pretrained',
+                                          tiny_checkpoint.parent / 'encoder.pth', *common], capsys)
+    assert_one_line_error(code, err, 'holds no online classifier')
+    three = tmp_path / 'three'
+    for split in ('train', 'val'):
+        for label in range(3):
+            shutil.copytree(image_folder / split / f'class{label}',
+                            three / split / f'class{label}')
+    code, _, err = run_main(linear_eval, ['--data', three, '--pretrained', tiny_checkpoint,
+                                          *common], capsys)
+    assert_one_line_error(code, err, 'has 4 classes, the validation split 3')
+
+
 def pickled_call(module, name, *args):
     """Protocol-2 opcodes that call module.name(*args) as a file is read (args: str, or the
     opcodes of another call); a file is these and STOP ('.')."""
     out = b'\x80\x02c' + f'{module}\n{name}\n'.encode() + b'('
     for a in args:
-        out += a if isinstance(a, bytes) else b'X' + len(a.encode()).to_bytes(4, 'little') + \
-            a.encode()
+        if isinstance(a, str):  # BINUNICODE: its length, then its UTF-8 bytes
+            a = b'X' + len(a.encode()).to_bytes(4, 'little') + a.encode()
+        out += a
     return out + b'tR'
 
 

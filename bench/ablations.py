@@ -56,7 +56,6 @@ PROBE = ['--train-images', '10000', '--workers', '0', '--amp', 'none', '--cached
 COLLAPSE_IMAGES = 2000  # validation images for the collapse signals
 
 
-
 class Row(NamedTuple):
     folder: str            # its folder in --out
     flags: Optional[list]  # byol.py's flags; None: the encoder at random init, not trained
