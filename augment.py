@@ -782,13 +782,14 @@ def resized_crops(images, boxes, size, dtype=torch.uint8):
 # The stages before `on_device` run in the data loader (its worker processes, if any); the rest
 # on the training device, over the whole batch. Where each runs changes the speed, not the views.
 STAGES = ('read', 'decode', 'crop', 'views')
-# on_device, the first stage run on the device:
-#   None     none: the loader's workers make the views (CPUs: they overlap the training step)
-#   'views'  the workers decode and crop, the device augments (the default on GPUs)
-#   'crop'   the workers only decode; the device crops and augments (--on-device crop)
-#   'read'   every stage: a dataset held in memory on the device (no workers)
+# on_device, the first stage run on the device -> where the stages run: None, the loader's
+# workers make the views (CPUs: they overlap the training step); 'views', the default on GPUs;
+# 'crop', --on-device crop; 'read', a dataset held in memory on the device (no workers).
 # (A worker cannot send the file bytes that read returns: they are mapped from the file.)
-PLACEMENTS = (None, 'views', 'crop', 'read')
+PLACEMENTS = {None: 'decoded, cropped and augmented by the loader',
+              'views': 'decoded and cropped by the loader, augmented there',
+              'crop': 'decoded by the loader, cropped and augmented there',
+              'read': 'held in memory, cropped and augmented there'}
 MODES = {'byol': 2, 'train': 1, 'eval': 1}  # mode -> views per image
 
 
@@ -846,7 +847,7 @@ class Pipeline(torch.utils.data.Dataset):
         self.images, self.size, self.mode, self.seed = images, size, mode, seed
         self.device, self.center_fraction, self.dtype = device, center_fraction, dtype
         if on_device not in PLACEMENTS:
-            raise ValueError(f'on_device {on_device!r} is none of {PLACEMENTS}')
+            raise ValueError(f'on_device {on_device!r} is none of {list(PLACEMENTS)}')
         self.split = STAGES.index(on_device) if on_device else len(STAGES)
 
     def __len__(self):
@@ -1040,13 +1041,9 @@ def batches(images, size, batch_size, mode, seed=0, device=torch.device('cpu'), 
         on_device, workers = 'read', 0
     elif on_device is None and device.type == 'cuda':
         on_device = 'views'
-    where = {'read': 'held in memory, cropped and augmented there',
-             'crop': 'decoded by the loader, cropped and augmented there',
-             'views': 'decoded and cropped by the loader, augmented there',
-             None: 'decoded, cropped and augmented by the loader'}[on_device]
     pipeline = Pipeline(images, size, mode, seed, device, on_device, center_fraction, dtype)
     return Batches(pipeline, batch_size, workers, shuffle=mode != 'eval'), \
-        f'{len(images)} images on {device.type}, {where}'
+        f'{len(images)} images on {device.type}, {PLACEMENTS[on_device]}'
 
 # ------------------------------------------------------------------------------------------------
 # The command line: a picture of T and T' (python augment.py IMAGE --out views.png)

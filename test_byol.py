@@ -1512,6 +1512,8 @@ def test_every_placement_of_the_stages_gives_the_same_views(mode, image_folder):
         assert torch.equal(views(on_device)[0], reference), on_device
     with pytest.raises(ValueError):  # (a worker cannot send the file bytes that read returns)
         augment.Pipeline(images, 16, mode, on_device='decode')
+    with pytest.raises(ValueError):
+        augment.batches(images, 16, 6, mode, on_device='decode')
     with pytest.MonkeyPatch.context() as patch:  # the crops as on a GPU: all at once, from
         patch.setattr(augment, 'crops_of', augment._crops_at_once)  # the Photos the loader sent
         assert torch.equal(views('crop')[0], reference)

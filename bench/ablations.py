@@ -28,7 +28,8 @@ seed's runs start from. --jobs N runs N runs at once, one thread each.
 
 Runs are kept in --out (default runs/ablations): a question asked again reuses every run and
 probe already there (so `predictor` reuses the tau 0.99 runs of `target`), and a stopped command
-continues where it stopped. The commands print the total CPU-minutes of what they ran.
+continues where it stopped. The commands print the CPU-minutes of every run in their tables,
+reused or not, from the runs' own clocks.
 """
 import argparse
 import concurrent.futures
@@ -89,17 +90,13 @@ BATCH = 128  # the quick start's, where a row does not say
 
 
 def run(command, log):
-    """A script of the repository with one thread, its output appended to `log` -> its CPU
-    seconds (its own process's, whatever else runs beside it)."""
+    """A script of the repository with one thread, its output appended to `log`."""
     with open(log, 'a') as f:
-        process = subprocess.Popen([sys.executable, *map(str, command)], stdout=f,
-                                   stderr=subprocess.STDOUT, cwd=HERE,
-                                   env=dict(os.environ, OMP_NUM_THREADS='1'))
-        _, status, usage = os.wait4(process.pid, 0)
-    code = os.waitstatus_to_exitcode(status)
+        code = subprocess.call([sys.executable, *map(str, command)], stdout=f,
+                               stderr=subprocess.STDOUT, cwd=HERE,
+                               env=dict(os.environ, OMP_NUM_THREADS='1'))
     if code:
         raise RuntimeError(f'{command[0]} failed (exit {code}); see {log}')
-    return usage.ru_utime + usage.ru_stime
 
 
 def pretrain_and_probe(row, seed, epochs, probes, args):
@@ -115,14 +112,8 @@ def pretrain_and_probe(row, seed, epochs, probes, args):
     for epoch in probes:
         done = folder / f'probe_ep{epoch}.json'
         if done.exists():
-            record = json.loads(done.read_text())
-            if flags is not None and 'y_rank' not in record['collapse']:  # (an older record)
-                record['collapse'] = collapse_signals(folder / f'checkpoint_ep{epoch}.pth',
-                                                      args.data)
-                done.write_text(json.dumps(record) + '\n')
-            results[epoch] = record
+            results[epoch] = json.loads(done.read_text())
             continue
-        record = dict(train_cpu_s=0.0)
         if flags is None:
             encoder = ['--arch', 'convnet', '--width', '16']
         else:
@@ -133,8 +124,7 @@ def pretrain_and_probe(row, seed, epochs, probes, args):
                 stop = []
                 if epoch < epochs:
                     stop = ['--stop-at-step', steps]
-                record['train_cpu_s'] = run(
-                    ['byol.py', '--data', args.data, *QUICK_START, *flags,
+                run(['byol.py', '--data', args.data, *QUICK_START, *flags,
                      '--batch-size', batch_size(row), '--epochs', epochs, '--seed', seed,
                      *stop, '--output-dir', folder], folder / 'train.log')
             if not kept.exists():
@@ -142,9 +132,9 @@ def pretrain_and_probe(row, seed, epochs, probes, args):
             encoder = ['--pretrained', kept]
         print(f'{row}, seed {seed}: probe after epoch {epoch}', flush=True)
         probe = folder / f'probe_ep{epoch}'
-        record['probe_cpu_s'] = run(['linear_eval.py', '--data', args.data, *PROBE, *encoder,
-                                     '--seed', seed, '--output-dir', probe], folder / 'probe.log')
-        record.update(json.loads((probe / 'results.jsonl').read_text().splitlines()[-1]))
+        run(['linear_eval.py', '--data', args.data, *PROBE, *encoder, '--seed', seed,
+             '--output-dir', probe], folder / 'probe.log')
+        record = json.loads((probe / 'results.jsonl').read_text().splitlines()[-1])
         if flags is not None:
             record['collapse'] = collapse_signals(folder / f'checkpoint_ep{epoch}.pth', args.data)
         done.write_text(json.dumps(record) + '\n')
