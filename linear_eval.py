@@ -703,7 +703,8 @@ def plain(obj):
 
 def read_released(path):
     """A released BYOL checkpoint -> Network (its encoder with TF's SAME padding): the online
-    network's weights and BN statistics, its classifier and step. One-line UserError for a file that is not one, says why."""
+    network's weights and BN statistics, its classifier and step. One-line UserError for a file
+    that is not one, says why."""
     if not Path(path).is_file():
         raise UserError(f'checkpoint {path} does not exist')
     try:
